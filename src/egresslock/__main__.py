@@ -1,0 +1,5 @@
+"""``python -m egresslock`` is the ``egresslock`` command."""
+
+from egresslock.cli.main import main
+
+main()

@@ -1,0 +1,56 @@
+"""``egresslock``: the entry point. Subcommands import their subsystems lazily, so that a wrapped
+tool call pays only for what it uses."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from egresslock import __version__
+from egresslock.cli.check_cmd import check
+from egresslock.cli.policy_cmd import policy
+from egresslock.errors import EgresslockError
+
+# Exit codes shared by every command.
+EXIT_DENIED = 1
+EXIT_USAGE = 2
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="egresslock")
+def cli() -> None:
+    """egresslock: a no-exfiltration channel for AI agents.
+
+    Run an agent so that its only way out is a proxy that allows what a policy names, and
+    logs every decision.
+
+    \b
+    Start here:
+      egresslock policy init policy.yaml      write a commented starter policy
+      egresslock policy validate policy.yaml  check it, with file and line for every problem
+      egresslock check -p policy.yaml URL     ask what the policy decides for one request
+    """
+
+
+cli.add_command(policy)
+cli.add_command(check)
+
+
+def main() -> None:
+    """Console-script entry point: egresslock errors become one clear line and exit code 2."""
+    try:
+        # Outside standalone mode click returns the code given to ctx.exit() instead of exiting.
+        code = cli.main(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_USAGE)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except EgresslockError as exc:
+        click.echo(f"egresslock: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    sys.exit(code if isinstance(code, int) else 0)

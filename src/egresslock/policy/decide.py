@@ -1,0 +1,215 @@
+"""``decide``: the one function every enforcement point asks.
+
+It is pure (no I/O, no clock, no randomness) and total: whatever :class:`Request` it is given, it
+returns a :class:`Decision` and never raises; an unexpected failure inside it is a deny, so a bug
+fails closed. The order of the checks is the policy's meaning:
+
+1. Every address the request will dial must pass ``network`` (block_private, allow_ranges).
+   Rules cannot override this: a rule names a host, and the host's DNS is not under the rule
+   writer's control.
+2. The rules whose host pattern matches are found through the host index. None: default deny.
+3. A matching ``action: deny`` rule wins over any allow rule.
+4. The first allow rule, in file order, that matches port, method, path, query and body size
+   allows. If none does, the refusal of the first rule that matched the host explains the deny,
+   so a user reads "method POST not allowed by rule github-read", not "no rule matched".
+
+A tunnel (layer ``connect`` or ``tls`` before any HTTP) shows only host and port. A rule that
+constrains methods, paths, queries or bodies can allow a tunnel only by inspecting it; the
+decision then says ``inspect=True`` and every inner request is decided again at layer ``http``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+
+from egresslock.policy.compiled import CompiledPolicy, CompiledRule
+from egresslock.policy.normalize import IPAddress, parse_ip_literal
+
+
+class Layer(enum.Enum):
+    """Which enforcement point asks: each logs under its own name."""
+
+    HTTP = "http"
+    CONNECT = "connect"
+    TLS = "tls"
+    DNS = "dns"
+    DROP = "drop"
+    SANITIZE = "sanitize"
+    COURIER = "courier"
+    MCP = "mcp"
+
+
+_TUNNEL_LAYERS = frozenset({Layer.CONNECT, Layer.TLS})
+
+
+class Verdict(enum.Enum):
+    """ALLOW and DENY as enforced; REPORT is a deny that report mode lets through and logs."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+    REPORT = "report"
+
+
+DEFAULT_RULE = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What an enforcement point knows about one attempt to send something out.
+
+    ``host`` is normalised (:func:`egresslock.policy.normalize.normalize_host`) and ``path``
+    normalised too; None means the layer cannot see that part (a tunnel has no method). A
+    ``body_size`` of None means not yet known: the proxy then enforces the decision's
+    ``body_limit`` as the body streams.
+    """
+
+    host: str
+    port: int
+    scheme: str = "http"
+    method: str | None = None
+    path: str | None = None
+    query: str | None = None
+    header_names: tuple[str, ...] = ()
+    body_size: int | None = None
+    addresses: tuple[IPAddress, ...] = ()
+    layer: Layer = Layer.HTTP
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A verdict, the id of the rule that decided (or "default"), and a sentence saying why."""
+
+    verdict: Verdict
+    rule_id: str
+    reason: str
+    inspect: bool = False
+    body_limit: int | None = None
+
+    @property
+    def allowed(self) -> bool:
+        """True when the request may proceed (ALLOW, or REPORT in report mode)."""
+        return self.verdict is not Verdict.DENY
+
+
+def _deny(rule_id: str, reason: str) -> Decision:
+    return Decision(Verdict.DENY, rule_id, reason)
+
+
+def decide(policy: CompiledPolicy, request: Request) -> Decision:
+    """Decide one request. Never raises; fails closed."""
+    try:
+        decision = _decide(policy, request)
+    except Exception as exc:  # a bug in a rule must never let a request through
+        decision = _deny(DEFAULT_RULE, f"internal error while deciding ({type(exc).__name__}: "
+                                       f"{exc}); denied to fail closed")
+    if policy.report_only and decision.verdict is Verdict.DENY:
+        return replace(decision, verdict=Verdict.REPORT,
+                       reason=f"report mode, enforce would deny: {decision.reason}")
+    return decision
+
+
+def _decide(policy: CompiledPolicy, request: Request) -> Decision:
+    host = request.host
+    for address in _addresses(request):
+        verdict = policy.addresses.check(address)
+        if not verdict.allowed:
+            return _deny(DEFAULT_RULE, f"{verdict.reason} (host {host})")
+
+    candidates = policy.index.lookup(host)
+    if not candidates:
+        return _deny(DEFAULT_RULE, f"no rule allows host {host}")
+    if request.layer is Layer.DNS:
+        return _decide_name(candidates, host)
+
+    port = request.port
+    tunnel = request.layer in _TUNNEL_LAYERS
+    inspect = False
+    for rule in candidates:
+        if not rule.action_deny or port not in rule.ports:
+            continue
+        if tunnel and rule.constrains:
+            if not rule.inspect:
+                return _deny(rule.id, f"rule {rule.id} denies some requests to {host} but "
+                                      "cannot see inside a tunnel without inspect: true")
+            inspect = True
+        elif _refusal(rule, request) is None:
+            return _deny(rule.id, f"denied by rule {rule.id}")
+
+    first_refusal: Decision | None = None
+    for rule in candidates:
+        if rule.action_deny:
+            continue
+        if port not in rule.ports:
+            if first_refusal is None:
+                ports = ", ".join(str(p) for p in sorted(rule.ports))
+                first_refusal = _deny(rule.id, f"port {port} not allowed by rule {rule.id} "
+                                               f"(allows {ports})")
+            continue
+        if tunnel:
+            if rule.constrains and not rule.inspect:
+                if first_refusal is None:
+                    first_refusal = _deny(rule.id, f"rule {rule.id} constrains requests to "
+                                                   f"{host} but cannot see inside a tunnel "
+                                                   "without inspect: true")
+                continue
+            inspect = inspect or rule.inspect or any(
+                r.inspect for r in candidates if port in r.ports
+            )
+            return Decision(Verdict.ALLOW, rule.id, f"allowed by rule {rule.id}", inspect)
+        why = _refusal(rule, request)
+        if why is None:
+            return Decision(Verdict.ALLOW, rule.id, f"allowed by rule {rule.id}",
+                            body_limit=rule.max_body_bytes)
+        if first_refusal is None:
+            first_refusal = _deny(rule.id, why)
+    if first_refusal is not None:
+        return first_refusal
+    return _deny(candidates[0].id, f"no allow rule for host {host}")
+
+
+def _addresses(request: Request) -> tuple[IPAddress, ...]:
+    host = request.host
+    if host and (":" in host or host[-1].isdigit()):
+        literal = parse_ip_literal(host)
+        if literal is not None and literal not in request.addresses:
+            return (literal, *request.addresses)
+    return request.addresses
+
+
+def _refusal(rule: CompiledRule, request: Request) -> str | None:
+    """Why ``rule`` does not match the request's method, path, query and body; None if it does."""
+    by = f"by rule {rule.id}"
+    if rule.methods is not None and request.method is not None and (
+        request.method not in rule.methods
+    ):
+        return f"method {request.method} not allowed {by} (allows {', '.join(sorted(rule.methods))})"
+    if rule.paths is not None and request.path is not None and not any(
+        p.matches(request.path) for p in rule.paths
+    ):
+        return f"path {request.path} not allowed {by}"
+    if rule.query is not None and request.query:
+        why = rule.query.refuse(request.query, by)
+        if why is not None:
+            return why
+    if rule.max_body_bytes is not None and request.body_size is not None and (
+        request.body_size > rule.max_body_bytes
+    ):
+        return (f"body of {request.body_size} bytes over max_body_bytes "
+                f"{rule.max_body_bytes} {by}")
+    return None
+
+
+def _decide_name(candidates: list[CompiledRule], host: str) -> Decision:
+    """A DNS answer for ``host`` is allowed when some allow rule could use it on some port."""
+    blocked: set[int] = set()
+    for rule in candidates:
+        if rule.action_deny and not rule.constrains:
+            blocked |= rule.ports
+    for rule in candidates:
+        if not rule.action_deny and not rule.ports <= blocked:
+            return Decision(Verdict.ALLOW, rule.id, f"name allowed by rule {rule.id}")
+    denier = next(r for r in candidates if r.action_deny and not r.constrains) if blocked else None
+    if denier is not None:
+        return _deny(denier.id, f"name {host} denied by rule {denier.id}")
+    return _deny(candidates[0].id, f"no allow rule for name {host}")
