@@ -11,16 +11,12 @@ from egresslock.errors import InputError, PolicyError
 
 
 def _parse_resolve(values: tuple[str, ...]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for item in values:
-        host, sep, addr = item.rpartition(":") if item.count(":") == 1 or "]" in item else (
-            item.partition(":")
-        )
-        if not sep or not host or not addr:
-            raise click.BadParameter(f"{item!r} must be HOST:ADDRESS, like api.example:10.0.0.5",
-                                     param_hint="--resolve")
-        out.setdefault(host, []).append(addr.strip("[]"))
-    return out
+    from egresslock.proxy.resolver import parse_pins
+
+    try:
+        return parse_pins(values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--resolve") from exc
 
 
 @click.command()

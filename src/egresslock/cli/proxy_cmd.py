@@ -1,0 +1,128 @@
+"""``egresslock proxy``: run the policy-checking proxy in the foreground."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise click.BadParameter(f"{value!r} must be HOST:PORT, like 127.0.0.1:3128 "
+                                 "(port 0 picks a free port)", param_hint="--listen")
+    return host, int(port)
+
+
+@click.command()
+@click.option("-p", "--policy", "policy_file", required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="Policy file.")
+@click.option("--listen", default="127.0.0.1:3128", show_default=True, metavar="HOST:PORT",
+              help="Where to listen; port 0 picks a free one.")
+@click.option("--audit", "audit_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Audit database (default: $EGRESSLOCK_AUDIT or "
+                   "~/.local/state/egresslock/audit.db).")
+@click.option("--resolve", multiple=True, metavar="HOST:ADDR",
+              help="Pin HOST to ADDR instead of asking DNS (repeatable).")
+@click.option("--metrics", metavar="HOST:PORT", help="Serve Prometheus metrics here.")
+@click.option("--max-connections", type=click.IntRange(1), default=4096, show_default=True)
+@click.option("--connect-timeout", type=click.FloatRange(0.1), default=10.0, show_default=True)
+@click.option("--idle-timeout", type=click.FloatRange(0.1), default=60.0, show_default=True,
+              help="Seconds a keep-alive connection may wait for its next request.")
+@click.option("--tunnel-idle-timeout", type=click.FloatRange(0.1), default=300.0,
+              show_default=True)
+@click.option("--no-uvloop", is_flag=True, help="Use asyncio's own event loop.")
+def proxy(policy_file: Path, listen: str, audit_path: Path | None, resolve: tuple[str, ...],
+          metrics: str | None, max_connections: int, connect_timeout: float,
+          idle_timeout: float, tunnel_idle_timeout: float, no_uvloop: bool) -> None:
+    """Run the egress proxy until interrupted.
+
+    Clients use it as an HTTP proxy (HTTP_PROXY/HTTPS_PROXY=http://HOST:PORT). Every request
+    is decided by the policy; denied ones get 403 with X-Egresslock-Deny naming the rule and
+    reason; every decision is a row in the audit log. Prints "listening on HOST:PORT" when
+    ready. SIGHUP, or a change to the policy file, reloads the policy; a bad new policy is
+    refused with its errors and the old one stays in force.
+    """
+    from egresslock.audit import AuditLog, default_db_path
+    from egresslock.policy import CompiledPolicy  # noqa: F401  (import cost paid before listen)
+    from egresslock.proxy.context import Limits, PolicyHolder, ProxyContext
+    from egresslock.proxy.metrics import ProxyMetrics
+    from egresslock.proxy.resolver import Resolver, parse_pins
+    from egresslock.proxy.server import ProxyServer, install_reload, make_listener
+
+    raise_fd_limit()
+    try:
+        pins = parse_pins(resolve)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--resolve") from exc
+    host, port = parse_listen(listen)
+    holder = PolicyHolder.from_file(policy_file)
+    limits = Limits(max_connections=max_connections, connect_timeout=connect_timeout,
+                    idle_timeout=idle_timeout, tunnel_idle_timeout=tunnel_idle_timeout)
+    proxy_metrics = ProxyMetrics() if metrics else None
+    audit = AuditLog(audit_path or default_db_path())
+    ctx = ProxyContext(holder, audit.record, Resolver(pins), limits, proxy_metrics)
+    listener = make_listener(host, port)
+
+    def report_reload(error: str | None) -> None:
+        if error:
+            click.echo(f"egresslock: policy reload refused, old policy stays:\n{error}",
+                       err=True)
+        else:
+            click.echo(f"egresslock: policy reloaded from {policy_file}", err=True)
+
+    async def main() -> None:
+        server = ProxyServer(ctx)
+        server.serve(listener)
+        watcher = install_reload(ctx, report_reload)
+        if proxy_metrics is not None and metrics is not None:
+            m_host, m_port = parse_listen(metrics)
+            proxy_metrics.serve(m_host, m_port)
+        bound = listener.getsockname()
+        click.echo(f"listening on {bound[0]}:{bound[1]}")
+        sys.stdout.flush()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        watcher.cancel()
+        await server.close()
+
+    try:
+        _run(main(), no_uvloop)
+    finally:
+        listener.close()
+        audit.close()
+        click.echo(f"egresslock: audit log {audit_path or default_db_path()} "
+                   f"(run {audit.run_id})", err=True)
+
+
+def raise_fd_limit() -> None:
+    """Each tunnel holds two sockets and two pipes: lift the soft fd limit to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def _run(coro: object, no_uvloop: bool) -> None:
+    if not no_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            uvloop.run(coro)  # type: ignore[arg-type]
+            return
+    asyncio.run(coro)  # type: ignore[arg-type]

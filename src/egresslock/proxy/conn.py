@@ -1,0 +1,109 @@
+"""A buffered, non-blocking socket for the proxy's event loop.
+
+The proxy owns its sockets directly rather than through asyncio streams: a tunnel must hand its
+raw file descriptors to ``splice(2)`` together with exactly the bytes already read, which a
+stream's hidden buffer makes awkward. Timeouts use ``asyncio.timeout`` (a timer handle, not a task
+per read), since every request pays for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+
+from egresslock.proxy.http1 import ProtocolError
+
+RECV_SIZE = 1 << 16
+
+
+class HeadTooLarge(ProtocolError):
+    """The head did not end within the size limit."""
+
+
+class Conn:
+    """A connected non-blocking socket with a read buffer."""
+
+    __slots__ = ("buf", "closed", "loop", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.buf = bytearray()
+        self.loop = asyncio.get_running_loop()
+        self.closed = False
+
+    async def fill(self) -> bool:
+        """Read what is available into the buffer; False at end of stream."""
+        data = await self.loop.sock_recv(self.sock, RECV_SIZE)
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    async def read_head(self, limit: int) -> bytes | None:
+        """Bytes through the first blank line, or None on a clean end before any byte.
+
+        Raises HeadTooLarge past ``limit`` and ProtocolError when the stream ends mid-head.
+        The caller bounds the time with ``asyncio.timeout`` (slowloris).
+        """
+        start = 0
+        while True:
+            end = self.buf.find(b"\r\n\r\n", start)
+            if end + 4 > limit:
+                raise HeadTooLarge(f"request head over {limit} bytes")
+            if end >= 0:
+                head = bytes(self.buf[: end + 4])
+                del self.buf[: end + 4]
+                return head
+            if len(self.buf) > limit:
+                raise HeadTooLarge(f"request head over {limit} bytes")
+            start = max(0, len(self.buf) - 3)
+            if not await self.fill():
+                if self.buf:
+                    raise ProtocolError("connection closed in the middle of a head")
+                return None
+
+    async def read_some(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes: buffered ones first; b"" at end of stream."""
+        if not self.buf and not await self.fill():
+            return b""
+        data = bytes(self.buf[:limit])
+        del self.buf[:limit]
+        return data
+
+    async def send(self, data: bytes) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+
+    def take_buffer(self) -> bytes:
+        data = bytes(self.buf)
+        self.buf.clear()
+        return data
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(OSError):
+                self.sock.close()
+
+    def abort(self) -> None:
+        """Close with a TCP reset, so the peer learns at once that the connection was refused."""
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close()
+
+
+async def open_conn(address: str, port: int, timeout: float) -> Conn:
+    """Connect to an already checked address. Raises OSError or TimeoutError."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(sock, (address, port))
+    except BaseException:
+        sock.close()
+        raise
+    return Conn(sock)

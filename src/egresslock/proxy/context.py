@@ -1,0 +1,130 @@
+"""What every proxy handler shares: the current policy, limits, resolver, audit and pool.
+
+The policy is held behind one reference that a reload swaps whole, so each request decides
+against one complete policy, never half of an old and half of a new one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from egresslock.audit import AuditRecord
+from egresslock.errors import PolicyError
+from egresslock.policy import CompiledPolicy, Decision, Request, compile_policy, decide, load_policy
+from egresslock.proxy.conn import Conn
+from egresslock.proxy.metrics import ProxyMetrics, reason_kind
+from egresslock.proxy.resolver import Resolver
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Resource limits. Every one of them, when hit, is answered with a status and a log row."""
+
+    max_connections: int = 4096
+    max_head_bytes: int = 64 * 1024
+    head_timeout: float = 10.0  # a whole request head must arrive within this (slowloris)
+    idle_timeout: float = 60.0  # keep-alive connection with no request
+    connect_timeout: float = 10.0
+    response_timeout: float = 120.0  # upstream response head
+    body_timeout: float = 120.0  # gap between body reads either way
+    hello_timeout: float = 10.0  # TLS ClientHello after CONNECT
+    tunnel_idle_timeout: float = 300.0
+    pool_per_host: int = 32
+
+
+class PolicyHolder:
+    """The current compiled policy and the file it came from; ``reload`` is all-or-nothing."""
+
+    __slots__ = ("current", "loaded_at", "mtime", "path")
+
+    def __init__(self, path: str | Path | None, compiled: CompiledPolicy) -> None:
+        self.path = Path(path) if path is not None else None
+        self.current = compiled
+        self.loaded_at = time.time()
+        self.mtime = self._stat()
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> PolicyHolder:
+        return cls(path, compile_policy(load_policy(path)))
+
+    def _stat(self) -> float:
+        try:
+            return self.path.stat().st_mtime if self.path else 0.0
+        except OSError:
+            return 0.0
+
+    def changed(self) -> bool:
+        return self.path is not None and self._stat() != self.mtime
+
+    def reload(self) -> None:
+        """Load the file again; on any error raise PolicyError and keep the old policy."""
+        if self.path is None:
+            return
+        mtime = self._stat()
+        compiled = compile_policy(load_policy(self.path))
+        self.current = compiled
+        self.mtime = mtime
+        self.loaded_at = time.time()
+
+
+AuditSink = Callable[[AuditRecord], None]
+
+
+@dataclass
+class ProxyContext:
+    """Shared state of one proxy instance."""
+
+    policy: PolicyHolder
+    audit: AuditSink
+    resolver: Resolver
+    limits: Limits = field(default_factory=Limits)
+    metrics: ProxyMetrics | None = None
+    pool: dict[tuple[str, int], list[Conn]] = field(default_factory=dict)
+    active_connections: int = 0
+
+    def decide(self, request: Request) -> Decision:
+        if self.metrics is None:
+            return decide(self.policy.current, request)
+        start = time.perf_counter()
+        decision = decide(self.policy.current, request)
+        self.metrics.decision_seconds.observe(time.perf_counter() - start)
+        return decision
+
+    def log(self, record: AuditRecord) -> None:
+        """Write an audit row and count it; never raises into a handler."""
+        self.audit(record)
+        if self.metrics is not None:
+            self.metrics.decisions.labels(record.layer, record.verdict, record.rule_id,
+                                          reason_kind(record.reason)).inc()
+            if record.bytes_out:
+                self.metrics.bytes.labels("out").inc(record.bytes_out)
+            if record.bytes_in:
+                self.metrics.bytes.labels("in").inc(record.bytes_in)
+
+    def pooled(self, address: str, port: int) -> Conn | None:
+        conns = self.pool.get((address, port))
+        while conns:
+            conn = conns.pop()
+            if not conn.closed and not conn.buf:
+                return conn
+            conn.close()
+        return None
+
+    def release(self, address: str, port: int, conn: Conn) -> None:
+        conns = self.pool.setdefault((address, port), [])
+        if len(conns) < self.limits.pool_per_host and not conn.buf:
+            conns.append(conn)
+        else:
+            conn.close()
+
+    def reload_policy(self) -> str | None:
+        """Reload; returns an error message (the old policy stays) or None on success."""
+        try:
+            self.policy.reload()
+        except PolicyError as exc:
+            self.policy.mtime = self.policy._stat()  # do not retry the same bad file each poll
+            return str(exc)
+        return None

@@ -1,0 +1,365 @@
+"""Plain HTTP through the proxy: absolute-form requests, decided, then forwarded.
+
+The order is the security argument. The URL is parsed strictly and refused when ambiguous; the
+Host header must name the same host and port; the policy decides on what the request says
+*before* any name is resolved (a denied name must not even reach DNS, where its labels could
+carry data); the name is resolved once and every address decided; the proxy connects only to a
+checked address; the request it sends is rebuilt from the normalised URL, so what was checked
+is what is sent. Redirects are relayed to the client, never followed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from egresslock.audit import AuditRecord
+from egresslock.errors import InputError
+from egresslock.policy import URL, Decision, Layer, Request, parse_url
+from egresslock.policy.normalize import IPAddress, split_authority
+from egresslock.proxy.conn import Conn, open_conn
+from egresslock.proxy.context import ProxyContext
+from egresslock.proxy.http1 import (
+    LAST_CHUNK,
+    ChunkedDecoder,
+    Framing,
+    Headers,
+    ProtocolError,
+    RequestHead,
+    deny_response,
+    encode_chunk,
+    parse_response_head,
+    request_framing,
+    response_framing,
+    serialize_headers,
+    simple_response,
+    strip_hop_by_hop,
+)
+from egresslock.proxy.resolver import ResolveError
+
+_BODY_CHUNK = 1 << 18
+
+
+class Refused(Exception):
+    """The request ends here with ``response``; ``keep_alive`` says if the connection may stay."""
+
+    def __init__(self, response: bytes, verdict: str, rule_id: str, reason: str,
+                 keep_alive: bool = False) -> None:
+        super().__init__(reason)
+        self.response = response
+        self.verdict = verdict
+        self.rule_id = rule_id
+        self.reason = reason
+        self.keep_alive = keep_alive
+
+
+def bad_request(reason: str) -> Refused:
+    return Refused(simple_response(400, "Bad Request", f"egresslock: {reason}", close=True),
+                   "deny", "default", reason)
+
+
+def denied(decision: Decision, keep_alive: bool) -> Refused:
+    return Refused(deny_response(decision.rule_id, decision.reason, close=not keep_alive),
+                   "deny", decision.rule_id, decision.reason, keep_alive)
+
+
+def upstream_failed(status: int, decision: Decision, reason: str) -> Refused:
+    text = {502: "Bad Gateway", 504: "Gateway Timeout"}[status]
+    return Refused(simple_response(status, text, f"egresslock: {reason}", close=True),
+                   decision.verdict.value, decision.rule_id, reason)
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one forwarded request did, for its audit row."""
+
+    url: URL | None = None
+    address: str | None = None
+    bytes_out: int = 0
+    bytes_in: int = 0
+    status: int = 0
+
+
+def check_host_header(head: RequestHead, url: URL) -> None:
+    """The Host header must be present once and name the URL's host and port (RFC 9112 3.2)."""
+    hosts = head.get_all(b"host")
+    if len(hosts) > 1:
+        raise bad_request("more than one Host header")
+    if not hosts:
+        if head.version == "1.1":
+            raise bad_request("HTTP/1.1 request without a Host header")
+        return
+    try:
+        host, port = split_authority(hosts[0].decode("ascii"), url.port)
+    except (InputError, UnicodeDecodeError) as exc:
+        raise bad_request(f"Host header {hosts[0]!r} is invalid: {exc}") from exc
+    if (host, port) != (url.host, url.port):
+        raise bad_request(f"Host header {hosts[0].decode('ascii', 'replace')!r} disagrees "
+                          f"with the request URL host {url.authority}")
+
+
+async def resolve_and_decide(ctx: ProxyContext, request: Request, keep_alive: bool
+                             ) -> tuple[Decision, tuple[IPAddress, ...]]:
+    """Decide without addresses, then resolve (only if allowed) and decide on every address."""
+    decision = ctx.decide(request)
+    if not decision.allowed:
+        raise denied(decision, keep_alive)
+    try:
+        addresses = await ctx.resolver.resolve(request.host, request.port)
+    except ResolveError as exc:
+        raise upstream_failed(502, decision, str(exc)) from exc
+    with_addresses = Request(request.host, request.port, request.scheme, request.method,
+                             request.path, request.query, request.header_names,
+                             request.body_size, addresses, request.layer)
+    decision = ctx.decide(with_addresses)
+    if not decision.allowed:
+        raise denied(decision, keep_alive)
+    return decision, addresses
+
+
+async def dial(ctx: ProxyContext, addresses: tuple[IPAddress, ...], port: int,
+               decision: Decision) -> tuple[Conn, str]:
+    """Connect to the first checked address that answers."""
+    last = ""
+    timed_out = False
+    start = time.perf_counter()
+    for address in addresses:
+        try:
+            conn = await open_conn(str(address), port, ctx.limits.connect_timeout)
+        except TimeoutError:
+            timed_out, last = True, f"connecting to {address}:{port} timed out"
+            continue
+        except OSError as exc:
+            last = f"cannot connect to {address}:{port}: {exc.strerror or exc}"
+            continue
+        if ctx.metrics is not None:
+            ctx.metrics.dial_seconds.observe(time.perf_counter() - start)
+        return conn, str(address)
+    raise upstream_failed(504 if timed_out else 502, decision, last or "no address to connect to")
+
+
+async def handle_request(ctx: ProxyContext, head: RequestHead, client: Conn,
+                         ex: Exchange) -> tuple[bool, Decision]:
+    """Forward one absolute-form request. Returns (keep the client connection, decision).
+
+    Raises :class:`Refused` when the request ends in a response the proxy writes itself.
+    """
+    if head.target.startswith("/"):
+        raise bad_request("egresslock is a forward proxy: send absolute-form requests "
+                          "(GET http://host/path); use CONNECT for https")
+    try:
+        framing = request_framing(head)
+    except ProtocolError as exc:
+        raise bad_request(str(exc)) from exc
+    keep_alive = head.keep_alive and framing.kind == "none"
+    try:
+        url = parse_url(head.target)
+    except InputError as exc:
+        raise Refused(deny_response("default", f"refused as ambiguous: {exc}", not keep_alive),
+                      "deny", "default", f"refused as ambiguous: {exc}", keep_alive) from exc
+    ex.url = url
+    if url.scheme != "http":
+        raise bad_request(f"absolute-form {url.scheme}:// is not forwarded; use CONNECT")
+    check_host_header(head, url)
+    if head.upgrade:
+        upgrade = (head.get(b"upgrade") or b"?").decode("ascii", "replace")
+        reason = f"upgrade to {upgrade} not allowed: no rule allows protocol upgrades"
+        raise Refused(deny_response("default", reason, True), "deny", "default", reason)
+    request = Request(url.host, url.port, "http", head.method, url.path, url.query,
+                      tuple(n.decode("latin-1").lower() for n, _ in head.headers),
+                      framing.length if framing.kind == "length" else (
+                          0 if framing.kind == "none" else None), (), Layer.HTTP)
+    decision, addresses = await resolve_and_decide(ctx, request, keep_alive)
+    if (head.get(b"expect") or b"").lower() == b"100-continue" and framing.kind != "none":
+        await client.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+    for attempt in (1, 2):
+        upstream, address, reused = await _upstream(ctx, addresses, url.port, decision,
+                                                    fresh=attempt == 2)
+        ex.address = address
+        try:
+            keep = await _exchange(ctx, head, url, framing, decision, client, upstream, ex,
+                                   retryable=reused and framing.kind == "none")
+        except _Stale:
+            upstream.close()
+            continue
+        except BaseException:
+            upstream.close()
+            raise
+        return keep and head.keep_alive, decision
+    raise upstream_failed(502, decision, f"upstream {ex.address} closed the connection")
+
+
+class _Stale(Exception):
+    """A pooled upstream connection had been closed by the server; dial a fresh one."""
+
+
+async def _upstream(ctx: ProxyContext, addresses: tuple[IPAddress, ...], port: int,
+                    decision: Decision, fresh: bool) -> tuple[Conn, str, bool]:
+    if not fresh:
+        for address in addresses:
+            conn = ctx.pooled(str(address), port)
+            if conn is not None:
+                return conn, str(address), True
+    conn, address = await dial(ctx, addresses, port, decision)
+    return conn, address, False
+
+
+def _upstream_head(head: RequestHead, url: URL, framing: Framing) -> bytes:
+    headers: Headers = [(b"Host", url.authority.encode("ascii"))]
+    for name, value in strip_hop_by_hop(head.headers):
+        low = name.lower()
+        if low in (b"host", b"expect"):
+            continue
+        headers.append((name, value))
+    if framing.kind == "chunked":
+        headers.append((b"Transfer-Encoding", b"chunked"))
+    return b"%s %s HTTP/1.1\r\n%s\r\n" % (
+        head.method.encode("ascii"), url.target.encode("ascii"), serialize_headers(headers))
+
+
+async def _send_body(ctx: ProxyContext, client: Conn, upstream: Conn, framing: Framing,
+                     decision: Decision, ex: Exchange) -> None:
+    limit = decision.body_limit
+    if framing.kind == "length":
+        remaining = framing.length
+        while remaining:
+            async with asyncio.timeout(ctx.limits.body_timeout):
+                data = await client.read_some(min(remaining, _BODY_CHUNK))
+            if not data:
+                raise ProtocolError("client closed the connection inside the request body")
+            remaining -= len(data)
+            ex.bytes_out += len(data)
+            await upstream.send(data)
+        return
+    if framing.kind != "chunked":
+        return
+    decoder = ChunkedDecoder()
+    while not decoder.done:
+        async with asyncio.timeout(ctx.limits.body_timeout):
+            data = await client.read_some(_BODY_CHUNK)
+        if not data:
+            raise ProtocolError("client closed the connection inside a chunked body")
+        chunks = decoder.feed(data)
+        size = sum(len(c) for c in chunks)
+        if limit is not None and ex.bytes_out + size > limit:
+            reason = (f"body over max_body_bytes {limit} by rule {decision.rule_id} "
+                      "(chunked upload stopped before the excess was sent)")
+            raise Refused(deny_response(decision.rule_id, reason, close=True), "deny",
+                          decision.rule_id, reason)
+        ex.bytes_out += size
+        if chunks:
+            await upstream.send(b"".join(encode_chunk(c) for c in chunks if c))
+    # Bytes after the body belong to the client's next (pipelined) request.
+    client.buf[:0] = decoder.leftover()
+    await upstream.send(LAST_CHUNK)
+
+
+async def _exchange(ctx: ProxyContext, head: RequestHead, url: URL, framing: Framing,
+                    decision: Decision, client: Conn, upstream: Conn, ex: Exchange,
+                    retryable: bool) -> bool:
+    try:
+        await upstream.send(_upstream_head(head, url, framing))
+    except OSError as exc:
+        if retryable:
+            raise _Stale from exc
+        raise upstream_failed(502, decision, f"upstream {ex.address}: {exc}") from exc
+    await _send_body(ctx, client, upstream, framing, decision, ex)
+    while True:
+        try:
+            async with asyncio.timeout(ctx.limits.response_timeout):
+                raw = await upstream.read_head(ctx.limits.max_head_bytes)
+        except OSError as exc:
+            if retryable:
+                raise _Stale from exc
+            raise upstream_failed(502, decision, f"upstream {ex.address}: {exc}") from exc
+        except TimeoutError as exc:
+            raise upstream_failed(504, decision, f"upstream {ex.address} sent no response "
+                                  f"within {ctx.limits.response_timeout:g}s") from exc
+        except ProtocolError as exc:
+            raise upstream_failed(502, decision, str(exc)) from exc
+        if raw is None and retryable:
+            raise _Stale
+        if raw is None:
+            raise upstream_failed(502, decision, f"upstream {ex.address} closed the "
+                                                 "connection without a response")
+        try:
+            resp = parse_response_head(raw)
+        except ProtocolError as exc:
+            raise upstream_failed(502, decision, str(exc)) from exc
+        if 100 <= resp.status < 200 and resp.status != 101:
+            continue  # interim responses: the proxy answered 100 Continue itself
+        break
+    if resp.status == 101:
+        raise upstream_failed(502, decision, "upstream switched protocols without a rule "
+                                             "allowing upgrades")
+    rframing = response_framing(resp, head.method)
+    keep = resp.keep_alive and rframing.kind != "close"
+    headers = strip_hop_by_hop(resp.headers)
+    if rframing.kind == "chunked":
+        headers.append((b"Transfer-Encoding", b"chunked"))
+    if not keep or not head.keep_alive:
+        headers.append((b"Connection", b"close"))
+    ex.status = resp.status
+    await client.send(b"HTTP/1.1 %d %s\r\n%s\r\n" % (resp.status, resp.reason,
+                                                     serialize_headers(headers)))
+    complete = await _relay_response(ctx, upstream, client, rframing, ex)
+    if keep and complete:
+        ctx.release(ex.address or "", url.port, upstream)
+    else:
+        upstream.close()
+    return keep and complete
+
+
+async def _relay_response(ctx: ProxyContext, upstream: Conn, client: Conn, framing: Framing,
+                          ex: Exchange) -> bool:
+    """Relay a response body by its framing; True when it ended cleanly."""
+    timeout = ctx.limits.body_timeout
+    if framing.kind == "none":
+        return True
+    if framing.kind == "length":
+        remaining = framing.length
+        while remaining:
+            async with asyncio.timeout(timeout):
+                data = await upstream.read_some(min(remaining, _BODY_CHUNK))
+            if not data:
+                return False
+            remaining -= len(data)
+            ex.bytes_in += len(data)
+            await client.send(data)
+        return True
+    if framing.kind == "close":
+        while True:
+            async with asyncio.timeout(timeout):
+                data = await upstream.read_some(_BODY_CHUNK)
+            if not data:
+                return False
+            ex.bytes_in += len(data)
+            await client.send(data)
+    decoder = ChunkedDecoder()
+    while not decoder.done:
+        async with asyncio.timeout(timeout):
+            data = await upstream.read_some(_BODY_CHUNK)
+        if not data:
+            return False
+        chunks = [c for c in decoder.feed(data) if c]
+        ex.bytes_in += sum(len(c) for c in chunks)
+        if chunks:
+            await client.send(b"".join(encode_chunk(c) for c in chunks))
+    await client.send(LAST_CHUNK)
+    # Bytes after the last chunk were never asked for: do not reuse that connection.
+    return not decoder.leftover()
+
+
+def audit_row(ex: Exchange, head: RequestHead | None, layer: str, verdict: str, rule_id: str,
+              reason: str) -> AuditRecord:
+    url = ex.url
+    extra = {"status": ex.status} if ex.status else None
+    return AuditRecord(
+        layer=layer, verdict=verdict, rule_id=rule_id, reason=reason,
+        method=head.method if head else None,
+        host=url.host if url else None, port=url.port if url else None,
+        path=url.target if url else (head.target[:2048] if head else None),
+        address=ex.address, bytes_out=ex.bytes_out, bytes_in=ex.bytes_in, protocol="tcp",
+        extra=extra,
+    )

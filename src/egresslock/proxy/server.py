@@ -1,0 +1,230 @@
+"""The proxy's accept loop and per-connection loop: the one place here that owns the event loop.
+
+Each client connection reads request heads in a loop (keep-alive, pipelined requests served in
+order), hands each to the plain-HTTP or CONNECT handler, and writes exactly one audit row per
+request, whatever happened: allowed, denied, malformed, upstream failure. Limits (connections,
+head size, head time) are answered with a status and a row, never with silence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Callable
+
+from egresslock.audit import AuditRecord
+from egresslock.errors import ProxyError
+from egresslock.proxy.conn import Conn, HeadTooLarge
+from egresslock.proxy.context import ProxyContext
+from egresslock.proxy.forward import Exchange, Refused, audit_row, handle_request
+from egresslock.proxy.http1 import ProtocolError, RequestHead, parse_request_head, simple_response
+from egresslock.proxy.tunnel import TunnelDenied, TunnelResult, handle_connect, tunnel_row
+
+log = logging.getLogger("egresslock.proxy")
+
+
+def make_listener(host: str, port: int, backlog: int = 1024) -> socket.socket:
+    """A listening TCP socket; raises ProxyError naming the address when it cannot bind."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise ProxyError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+class ProxyServer:
+    """Serves the proxy on listening sockets it is given (so a sandbox can pass them in)."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._accepting: list[asyncio.Task[None]] = []
+
+    def serve(self, listener: socket.socket) -> None:
+        """Start accepting on ``listener`` (non-blocking, already listening)."""
+        self._accepting.append(asyncio.ensure_future(self._accept_loop(listener)))
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                log.warning("accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.ensure_future(self._connection(sock))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for t in self._accepting:
+            t.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._accepting, *self._tasks, return_exceptions=True)
+        for conns in self.ctx.pool.values():
+            for c in conns:
+                c.close()
+        self.ctx.pool.clear()
+
+    async def _connection(self, sock: socket.socket) -> None:
+        ctx = self.ctx
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client = Conn(sock)
+        if ctx.active_connections >= ctx.limits.max_connections:
+            reason = f"too many connections (limit {ctx.limits.max_connections})"
+            with contextlib.suppress(OSError):
+                await client.send(simple_response(503, "Service Unavailable",
+                                                  f"egresslock: {reason}", close=True))
+            ctx.log(AuditRecord(layer="http", verdict="deny", rule_id="default", reason=reason,
+                                protocol="tcp"))
+            client.close()
+            return
+        ctx.active_connections += 1
+        if ctx.metrics is not None:
+            ctx.metrics.connections.inc()
+        try:
+            first = True
+            while await self._one_request(client, first):
+                first = False
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            ctx.active_connections -= 1
+            if ctx.metrics is not None:
+                ctx.metrics.connections.dec()
+            client.close()
+
+    async def _read_head(self, client: Conn, first: bool) -> bytes | None:
+        """The next head; None when the client is done. Answers 408/431/400 itself."""
+        limits = self.ctx.limits
+        if not client.buf:
+            # Waiting for a next request is idle time; once a byte arrives the head clock runs.
+            try:
+                async with asyncio.timeout(limits.head_timeout if first else limits.idle_timeout):
+                    if not await client.fill():
+                        return None
+            except TimeoutError:
+                if first:
+                    self._refuse_raw(client, 408, "Request Timeout",
+                                     f"no request within {limits.head_timeout:g}s")
+                return None
+        try:
+            async with asyncio.timeout(limits.head_timeout):
+                return await client.read_head(limits.max_head_bytes)
+        except TimeoutError:
+            self._refuse_raw(client, 408, "Request Timeout",
+                             f"request head not complete within {limits.head_timeout:g}s")
+        except HeadTooLarge as exc:
+            self._refuse_raw(client, 431, "Request Header Fields Too Large", str(exc))
+        except ProtocolError as exc:
+            self._refuse_raw(client, 400, "Bad Request", f"malformed request: {exc}")
+        return None
+
+    def _refuse_raw(self, client: Conn, status: int, text: str, reason: str) -> None:
+        with contextlib.suppress(OSError):
+            client.sock.setblocking(True)
+            client.sock.settimeout(1.0)
+            client.sock.sendall(simple_response(status, text, f"egresslock: {reason}", close=True))
+        self.ctx.log(AuditRecord(layer="http", verdict="deny", rule_id="default", reason=reason,
+                                 protocol="tcp"))
+
+    async def _one_request(self, client: Conn, first: bool) -> bool:
+        raw = await self._read_head(client, first)
+        if raw is None:
+            return False
+        try:
+            head = parse_request_head(raw)
+        except ProtocolError as exc:
+            await self._write(client, simple_response(400, "Bad Request", f"egresslock: {exc}",
+                                                      close=True))
+            self.ctx.log(AuditRecord(layer="http", verdict="deny", rule_id="default",
+                                     reason=str(exc), path=_printable(raw), protocol="tcp"))
+            return False
+        if head.method == "CONNECT":
+            await self._connect(head, client)
+            return False
+        return await self._forward(head, client)
+
+    async def _forward(self, head: RequestHead, client: Conn) -> bool:
+        ex = Exchange()
+        try:
+            keep, decision = await handle_request(self.ctx, head, client, ex)
+        except Refused as r:
+            await self._write(client, r.response)
+            self.ctx.log(audit_row(ex, head, "http", r.verdict, r.rule_id, r.reason))
+            return r.keep_alive
+        except ProtocolError as exc:
+            reason = f"malformed request: {exc}"
+            self.ctx.log(audit_row(ex, head, "http", "deny", "default", reason))
+            await self._write(client, simple_response(400, "Bad Request", f"egresslock: {reason}",
+                                                      close=True))
+            return False
+        except (TimeoutError, OSError) as exc:
+            reason = f"connection failed mid-exchange: {exc or type(exc).__name__}"
+            self.ctx.log(audit_row(ex, head, "http", "allow", "default", reason))
+            return False
+        self.ctx.log(audit_row(ex, head, "http", decision.verdict.value, decision.rule_id,
+                               decision.reason))
+        return keep
+
+    async def _connect(self, head: RequestHead, client: Conn) -> None:
+        result = TunnelResult()
+        try:
+            decision = await handle_connect(self.ctx, head, client, result)
+        except Refused as r:
+            await self._write(client, r.response)
+            self.ctx.log(tunnel_row(result, "connect", r.verdict, r.rule_id, r.reason))
+            return
+        except TunnelDenied as d:
+            client.abort()
+            self.ctx.log(tunnel_row(result, "tls", "deny", d.rule_id, d.reason))
+            return
+        except (TimeoutError, OSError) as exc:
+            self.ctx.log(tunnel_row(result, "connect", "allow", "default",
+                                    f"tunnel failed: {exc or type(exc).__name__}"))
+            return
+        self.ctx.log(tunnel_row(result, "connect", decision.verdict.value, decision.rule_id,
+                                decision.reason))
+
+    @staticmethod
+    async def _write(client: Conn, data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            async with asyncio.timeout(5):
+                await client.send(data)
+
+
+def _printable(raw: bytes) -> str:
+    line = raw.split(b"\r\n", 1)[0][:512]
+    return line.decode("latin-1").encode("unicode_escape").decode("ascii")
+
+
+def install_reload(ctx: ProxyContext, on_result: Callable[[str | None], None],
+                   poll_seconds: float = 1.0) -> asyncio.Task[None]:
+    """Reload the policy on SIGHUP and when its file changes; a bad file keeps the old policy."""
+    loop = asyncio.get_running_loop()
+
+    def reload() -> None:
+        on_result(ctx.reload_policy())
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGHUP, reload)
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(poll_seconds)
+            if ctx.policy.changed():
+                reload()
+
+    return asyncio.ensure_future(watch())

@@ -1,0 +1,174 @@
+"""CONNECT tunnels: decided on host and port, checked on SNI, then relayed by the kernel.
+
+The proxy answers ``200`` only after the upstream connection to a checked address is open, so a
+client learns of a deny (403) or of an unreachable upstream (502/504) as a status, never as a
+hung tunnel. Inside the tunnel the first bytes must be a TLS ClientHello on HTTPS ports, and its
+SNI must name the CONNECT host: a mismatch (domain fronting) or a missing SNI resets the
+connection before a byte reaches upstream, and the log says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from egresslock.audit import AuditRecord
+from egresslock.errors import InputError
+from egresslock.policy import Decision, Layer, Request, normalize_host
+from egresslock.policy.loader import HTTPS_PORTS
+from egresslock.policy.normalize import parse_ip_literal, split_authority
+from egresslock.proxy.conn import Conn
+from egresslock.proxy.context import ProxyContext
+from egresslock.proxy.forward import Refused, bad_request, dial, resolve_and_decide
+from egresslock.proxy.http1 import RequestHead, deny_response
+from egresslock.proxy.relay import RelayStats, relay
+from egresslock.proxy.tls import ClientHello, NotTLS, looks_like_tls, parse_client_hello
+
+
+@dataclass(slots=True)
+class TunnelResult:
+    """What a tunnel did, for its audit row."""
+
+    host: str | None = None
+    port: int | None = None
+    address: str | None = None
+    sni: str | None = None
+    bytes_out: int = 0
+    bytes_in: int = 0
+    ended: str = ""
+
+
+def parse_connect_target(head: RequestHead) -> tuple[str, int]:
+    """CONNECT's authority-form target, ``host:port`` (RFC 9110 9.3.6): the port is required."""
+    target = head.target
+    if ":" not in target.rsplit("]", 1)[-1]:
+        raise bad_request(f"CONNECT target {target!r} needs a port, like {target}:443")
+    try:
+        host, port = split_authority(target, 0)
+    except InputError as exc:
+        raise Refused(deny_response("default", f"refused as ambiguous: {exc}", True),
+                      "deny", "default", f"refused as ambiguous: {exc}") from exc
+    hosts = head.get_all(b"host")
+    if len(hosts) > 1:
+        raise bad_request("more than one Host header")
+    if hosts:
+        try:
+            h_host, h_port = split_authority(hosts[0].decode("ascii"), port)
+        except (InputError, UnicodeDecodeError) as exc:
+            raise bad_request(f"Host header {hosts[0]!r} is invalid: {exc}") from exc
+        if (h_host, h_port) != (host, port):
+            raise bad_request(f"Host header {hosts[0].decode('ascii', 'replace')!r} disagrees "
+                              f"with the CONNECT target {target}")
+    return host, port
+
+
+async def _read_hello(ctx: ProxyContext, client: Conn, port: int) -> ClientHello | None:
+    """The ClientHello, or None for a non-TLS protocol on a non-HTTPS port.
+
+    On HTTPS ports TLS is required. Elsewhere the client may speak first in another protocol,
+    or wait for the server to speak (SSH, SMTP): a short wait decides which.
+    """
+    tls_required = port in HTTPS_PORTS
+    wait = ctx.limits.hello_timeout if tls_required else 0.25
+    try:
+        async with asyncio.timeout(wait):
+            while True:
+                if client.buf:
+                    if not tls_required and not looks_like_tls(bytes(client.buf[:3])):
+                        return None
+                    hello = parse_client_hello(bytes(client.buf))
+                    if hello is not None:
+                        return hello
+                if not await client.fill():
+                    raise NotTLS("client closed the tunnel before its first bytes")
+    except TimeoutError:
+        if tls_required:
+            raise NotTLS(f"no TLS ClientHello within {wait:g}s") from None
+        return None
+
+
+def check_sni(hello: ClientHello | None, host: str, port: int) -> str | None:
+    """Why the tunnel's SNI does not fit its CONNECT host, or None when it does."""
+    if hello is None:
+        return None
+    if hello.server_name is None:
+        if parse_ip_literal(host) is not None:
+            return None  # clients send no SNI for IP literals (RFC 6066 3)
+        return f"TLS ClientHello has no SNI; CONNECT named {host}"
+    try:
+        sni = normalize_host(hello.server_name)
+    except InputError as exc:
+        return f"SNI {hello.server_name!r} is invalid: {exc}"
+    if sni != host:
+        return f"SNI {sni} differs from CONNECT host {host} (domain fronting)"
+    return None
+
+
+async def handle_connect(ctx: ProxyContext, head: RequestHead, client: Conn,
+                         result: TunnelResult) -> Decision:
+    """Run one CONNECT tunnel to its end. Raises Refused for a deny or upstream failure."""
+    host, port = parse_connect_target(head)
+    result.host, result.port = host, port
+    request = Request(host, port, "https" if port in HTTPS_PORTS else "tcp", layer=Layer.CONNECT)
+    decision, addresses = await resolve_and_decide(ctx, request, keep_alive=False)
+    if decision.inspect:
+        reason = (f"rule {decision.rule_id} needs TLS inspection (inspect: true), which this "
+                  "egresslock build does not provide; the tunnel is refused rather than "
+                  "let through unchecked")
+        raise Refused(deny_response(decision.rule_id, reason, True), "deny", decision.rule_id,
+                      reason)
+    upstream, address = await dial(ctx, addresses, port, decision)
+    result.address = address
+    try:
+        await client.send(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        try:
+            hello = await _read_hello(ctx, client, port)
+        except NotTLS as exc:
+            raise TunnelDenied("default", f"non-TLS bytes on HTTPS port {port}: {exc}") from exc
+        except OSError as exc:
+            raise TunnelDenied("default", f"client failed before TLS: {exc}") from exc
+        result.sni = hello.server_name if hello else None
+        why = check_sni(hello, host, port)
+        if why is not None:
+            raise TunnelDenied("default", why)
+        first = client.take_buffer()
+        if first:
+            await upstream.send(first)
+            result.bytes_out += len(first)
+        stats = RelayStats()
+        if ctx.metrics is not None:
+            ctx.metrics.tunnels.inc()
+        try:
+            result.ended = await relay(client.sock, upstream.sock, stats,
+                                       ctx.limits.tunnel_idle_timeout)
+        finally:
+            if ctx.metrics is not None:
+                ctx.metrics.tunnels.dec()
+        result.bytes_out += stats.bytes_up
+        result.bytes_in += stats.bytes_down
+    finally:
+        upstream.close()
+    return decision
+
+
+class TunnelDenied(Exception):
+    """A tunnel refused after ``200`` (bad SNI, not TLS): the client connection is reset."""
+
+    def __init__(self, rule_id: str, reason: str) -> None:
+        super().__init__(reason)
+        self.rule_id = rule_id
+        self.reason = reason
+
+
+def tunnel_row(result: TunnelResult, layer: str, verdict: str, rule_id: str, reason: str
+               ) -> AuditRecord:
+    extra: dict[str, object] = {}
+    if result.sni is not None:
+        extra["sni"] = result.sni
+    if result.ended:
+        extra["ended"] = result.ended
+    return AuditRecord(layer=layer, verdict=verdict, rule_id=rule_id, reason=reason,
+                       method="CONNECT", host=result.host, port=result.port,
+                       address=result.address, bytes_out=result.bytes_out,
+                       bytes_in=result.bytes_in, protocol="tcp", extra=extra or None)
+
