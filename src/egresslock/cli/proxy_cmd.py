@@ -33,6 +33,8 @@ def parse_listen(value: str) -> tuple[str, int]:
 @click.option("--metrics", metavar="HOST:PORT", help="Serve Prometheus metrics here.")
 @click.option("--max-connections", type=click.IntRange(1), default=4096, show_default=True)
 @click.option("--connect-timeout", type=click.FloatRange(0.1), default=10.0, show_default=True)
+@click.option("--head-timeout", type=click.FloatRange(0.1), default=10.0, show_default=True,
+              help="Seconds a request head may take to arrive in full (slowloris guard).")
 @click.option("--idle-timeout", type=click.FloatRange(0.1), default=60.0, show_default=True,
               help="Seconds a keep-alive connection may wait for its next request.")
 @click.option("--tunnel-idle-timeout", type=click.FloatRange(0.1), default=300.0,
@@ -40,7 +42,8 @@ def parse_listen(value: str) -> tuple[str, int]:
 @click.option("--no-uvloop", is_flag=True, help="Use asyncio's own event loop.")
 def proxy(policy_file: Path, listen: str, audit_path: Path | None, resolve: tuple[str, ...],
           metrics: str | None, max_connections: int, connect_timeout: float,
-          idle_timeout: float, tunnel_idle_timeout: float, no_uvloop: bool) -> None:
+          head_timeout: float, idle_timeout: float, tunnel_idle_timeout: float,
+          no_uvloop: bool) -> None:
     """Run the egress proxy until interrupted.
 
     Clients use it as an HTTP proxy (HTTP_PROXY/HTTPS_PROXY=http://HOST:PORT). Every request
@@ -64,7 +67,8 @@ def proxy(policy_file: Path, listen: str, audit_path: Path | None, resolve: tupl
     host, port = parse_listen(listen)
     holder = PolicyHolder.from_file(policy_file)
     limits = Limits(max_connections=max_connections, connect_timeout=connect_timeout,
-                    idle_timeout=idle_timeout, tunnel_idle_timeout=tunnel_idle_timeout)
+                    head_timeout=head_timeout, idle_timeout=idle_timeout,
+                    tunnel_idle_timeout=tunnel_idle_timeout)
     proxy_metrics = ProxyMetrics() if metrics else None
     audit = AuditLog(audit_path or default_db_path())
     ctx = ProxyContext(holder, audit.record, Resolver(pins), limits, proxy_metrics)

@@ -201,8 +201,8 @@ async def _upstream(ctx: ProxyContext, addresses: tuple[IPAddress, ...], port: i
             conn = ctx.pooled(str(address), port)
             if conn is not None:
                 return conn, str(address), True
-    conn, address = await dial(ctx, addresses, port, decision)
-    return conn, address, False
+    conn, dialled = await dial(ctx, addresses, port, decision)
+    return conn, dialled, False
 
 
 def _upstream_head(head: RequestHead, url: URL, framing: Framing) -> bytes:
