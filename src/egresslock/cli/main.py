@@ -8,8 +8,10 @@ import sys
 import click
 
 from egresslock import __version__
+from egresslock.cli.audit_cmd import audit
 from egresslock.cli.check_cmd import check
 from egresslock.cli.policy_cmd import policy
+from egresslock.cli.proxy_cmd import proxy
 from egresslock.errors import EgresslockError
 
 # Exit codes shared by every command.
@@ -35,6 +37,8 @@ def cli() -> None:
 
 cli.add_command(policy)
 cli.add_command(check)
+cli.add_command(audit)
+cli.add_command(proxy)
 
 
 def main() -> None:
