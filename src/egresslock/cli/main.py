@@ -9,6 +9,7 @@ import click
 
 from egresslock import __version__
 from egresslock.cli.audit_cmd import audit
+from egresslock.cli.ca_cmd import ca, env
 from egresslock.cli.check_cmd import check
 from egresslock.cli.policy_cmd import policy
 from egresslock.cli.proxy_cmd import proxy
@@ -39,6 +40,8 @@ cli.add_command(policy)
 cli.add_command(check)
 cli.add_command(audit)
 cli.add_command(proxy)
+cli.add_command(ca)
+cli.add_command(env)
 
 
 def main() -> None:

@@ -7,8 +7,13 @@ import contextlib
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from egresslock.proxy.ca import LeafMinter
+    from egresslock.proxy.context import ProxyContext
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -39,11 +44,17 @@ def parse_listen(value: str) -> tuple[str, int]:
               help="Seconds a keep-alive connection may wait for its next request.")
 @click.option("--tunnel-idle-timeout", type=click.FloatRange(0.1), default=300.0,
               show_default=True)
+@click.option("--upstream-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Verify inspected upstreams against this CA file instead of the system "
+                   "trust store.")
+@click.option("--ca-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Inspection CA directory (default: $EGRESSLOCK_CA_DIR or "
+                   "~/.local/share/egresslock/ca).")
 @click.option("--no-uvloop", is_flag=True, help="Use asyncio's own event loop.")
 def proxy(policy_file: Path, listen: str, audit_path: Path | None, resolve: tuple[str, ...],
           metrics: str | None, max_connections: int, connect_timeout: float,
           head_timeout: float, idle_timeout: float, tunnel_idle_timeout: float,
-          no_uvloop: bool) -> None:
+          upstream_ca: Path | None, ca_dir: Path | None, no_uvloop: bool) -> None:
     """Run the egress proxy until interrupted.
 
     Clients use it as an HTTP proxy (HTTP_PROXY/HTTPS_PROXY=http://HOST:PORT). Every request
@@ -54,7 +65,7 @@ def proxy(policy_file: Path, listen: str, audit_path: Path | None, resolve: tupl
     """
     from egresslock.audit import AuditLog, default_db_path
     from egresslock.policy import CompiledPolicy  # noqa: F401  (import cost paid before listen)
-    from egresslock.proxy.context import Limits, PolicyHolder, ProxyContext
+    from egresslock.proxy.context import Limits, PolicyHolder, ProxyContext, upstream_context
     from egresslock.proxy.metrics import ProxyMetrics
     from egresslock.proxy.resolver import Resolver, parse_pins
     from egresslock.proxy.server import ProxyServer, install_reload, make_listener
@@ -71,7 +82,9 @@ def proxy(policy_file: Path, listen: str, audit_path: Path | None, resolve: tupl
                     tunnel_idle_timeout=tunnel_idle_timeout)
     proxy_metrics = ProxyMetrics() if metrics else None
     audit = AuditLog(audit_path or default_db_path())
-    ctx = ProxyContext(holder, audit.record, Resolver(pins), limits, proxy_metrics)
+    ctx = ProxyContext(holder, audit.record, Resolver(pins), limits, proxy_metrics,
+                       upstream_tls=upstream_context(str(upstream_ca) if upstream_ca else None))
+    ctx.minter = _minter(ctx, ca_dir)
     listener = make_listener(host, port)
 
     def report_reload(error: str | None) -> None:
@@ -79,6 +92,7 @@ def proxy(policy_file: Path, listen: str, audit_path: Path | None, resolve: tupl
             click.echo(f"egresslock: policy reload refused, old policy stays:\n{error}",
                        err=True)
         else:
+            ctx.minter = _minter(ctx, ca_dir)  # name constraints follow the inspected hosts
             click.echo(f"egresslock: policy reloaded from {policy_file}", err=True)
 
     async def main() -> None:
@@ -107,6 +121,23 @@ def proxy(policy_file: Path, listen: str, audit_path: Path | None, resolve: tupl
         audit.close()
         click.echo(f"egresslock: audit log {audit_path or default_db_path()} "
                    f"(run {audit.run_id})", err=True)
+
+
+def _minter(ctx: ProxyContext, ca_dir: Path | None) -> LeafMinter | None:
+    """A leaf minter for the policy's inspected hosts, or None (with a warning) without a CA."""
+    from egresslock.proxy.ca import CAError, LeafMinter, load_ca
+    from egresslock.proxy.context import inspected_hosts
+
+    hosts = inspected_hosts(ctx.policy.current)
+    if not hosts:
+        return None
+    try:
+        root = load_ca(ca_dir)
+    except CAError as exc:
+        click.echo(f"egresslock: warning: {exc}; tunnels of inspect: true rules will be "
+                   "refused", err=True)
+        return None
+    return LeafMinter(root, hosts)
 
 
 def raise_fd_limit() -> None:

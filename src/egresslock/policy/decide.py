@@ -136,35 +136,35 @@ def _decide(policy: CompiledPolicy, request: Request) -> Decision:
         elif _refusal(rule, request) is None:
             return _deny(rule.id, f"denied by rule {rule.id}")
 
-    first_refusal: Decision | None = None
+    best: tuple[int, Decision] | None = None
     for rule in candidates:
         if rule.action_deny:
             continue
         if port not in rule.ports:
-            if first_refusal is None:
+            if best is None:
                 ports = ", ".join(str(p) for p in sorted(rule.ports))
-                first_refusal = _deny(rule.id, f"port {port} not allowed by rule {rule.id} "
-                                               f"(allows {ports})")
+                best = (_STAGE_PORT, _deny(rule.id, f"port {port} not allowed by rule "
+                                                    f"{rule.id} (allows {ports})"))
             continue
         if tunnel:
             if rule.constrains and not rule.inspect:
-                if first_refusal is None:
-                    first_refusal = _deny(rule.id, f"rule {rule.id} constrains requests to "
-                                                   f"{host} but cannot see inside a tunnel "
-                                                   "without inspect: true")
+                if best is None or best[0] < _STAGE_METHOD:
+                    best = (_STAGE_METHOD, _deny(rule.id, f"rule {rule.id} constrains requests "
+                                                          f"to {host} but cannot see inside a "
+                                                          "tunnel without inspect: true"))
                 continue
             inspect = inspect or rule.inspect or any(
                 r.inspect for r in candidates if port in r.ports
             )
             return Decision(Verdict.ALLOW, rule.id, f"allowed by rule {rule.id}", inspect)
-        why = _refusal(rule, request)
-        if why is None:
+        found = _refusal_stage(rule, request)
+        if found is None:
             return Decision(Verdict.ALLOW, rule.id, f"allowed by rule {rule.id}",
                             body_limit=rule.max_body_bytes)
-        if first_refusal is None:
-            first_refusal = _deny(rule.id, why)
-    if first_refusal is not None:
-        return first_refusal
+        if best is None or found[0] > best[0]:
+            best = (found[0], _deny(rule.id, found[1]))
+    if best is not None:
+        return best[1]
     return _deny(candidates[0].id, f"no allow rule for host {host}")
 
 
@@ -177,26 +177,38 @@ def _addresses(request: Request) -> tuple[IPAddress, ...]:
     return request.addresses
 
 
+# How far a request got into a rule before it was refused. When several allow rules name the
+# host, the deny is explained by the rule that matched furthest: a POST refused by a read rule
+# (method) and by a write rule (body size) is explained by the write rule.
+_STAGE_PORT, _STAGE_METHOD, _STAGE_PATH, _STAGE_QUERY, _STAGE_BODY = range(5)
+
+
 def _refusal(rule: CompiledRule, request: Request) -> str | None:
     """Why ``rule`` does not match the request's method, path, query and body; None if it does."""
+    found = _refusal_stage(rule, request)
+    return None if found is None else found[1]
+
+
+def _refusal_stage(rule: CompiledRule, request: Request) -> tuple[int, str] | None:
     by = f"by rule {rule.id}"
     if rule.methods is not None and request.method is not None and (
         request.method not in rule.methods
     ):
-        return f"method {request.method} not allowed {by} (allows {', '.join(sorted(rule.methods))})"
+        allowed = ", ".join(sorted(rule.methods))
+        return _STAGE_METHOD, f"method {request.method} not allowed {by} (allows {allowed})"
     if rule.paths is not None and request.path is not None and not any(
         p.matches(request.path) for p in rule.paths
     ):
-        return f"path {request.path} not allowed {by}"
+        return _STAGE_PATH, f"path {request.path} not allowed {by}"
     if rule.query is not None and request.query:
         why = rule.query.refuse(request.query, by)
         if why is not None:
-            return why
+            return _STAGE_QUERY, why
     if rule.max_body_bytes is not None and request.body_size is not None and (
         request.body_size > rule.max_body_bytes
     ):
-        return (f"body of {request.body_size} bytes over max_body_bytes "
-                f"{rule.max_body_bytes} {by}")
+        return _STAGE_BODY, (f"body of {request.body_size} bytes over max_body_bytes "
+                             f"{rule.max_body_bytes} {by}")
     return None
 
 

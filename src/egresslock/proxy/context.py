@@ -6,6 +6,7 @@ against one complete policy, never half of an old and half of a new one.
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from pathlib import Path
 from egresslock.audit import AuditRecord
 from egresslock.errors import PolicyError
 from egresslock.policy import CompiledPolicy, Decision, Request, compile_policy, decide, load_policy
+from egresslock.proxy.ca import LeafMinter
 from egresslock.proxy.conn import Conn
 from egresslock.proxy.metrics import ProxyMetrics, reason_kind
 from egresslock.proxy.resolver import Resolver
@@ -73,6 +75,24 @@ class PolicyHolder:
 AuditSink = Callable[[AuditRecord], None]
 
 
+def upstream_context(cafile: str | None) -> ssl.SSLContext:
+    """Full verification of upstream servers: the system trust store, or ``cafile`` instead."""
+    ctx = ssl.create_default_context(cafile=cafile)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def inspected_hosts(policy: CompiledPolicy) -> list[str]:
+    """Hosts (or wildcard suffixes) that ``inspect: true`` rules name: the intermediate CA's
+    name constraints."""
+    out = []
+    for rule in policy.rules:
+        if rule.inspect:
+            out.append(rule.host.exact or rule.host.suffix or "")
+    return [h for h in out if h]
+
+
 @dataclass
 class ProxyContext:
     """Shared state of one proxy instance."""
@@ -84,6 +104,9 @@ class ProxyContext:
     metrics: ProxyMetrics | None = None
     pool: dict[tuple[str, int], list[Conn]] = field(default_factory=dict)
     active_connections: int = 0
+    # TLS inspection: leaves for inspected hosts, and how upstream certificates are verified.
+    minter: LeafMinter | None = None
+    upstream_tls: ssl.SSLContext = field(default_factory=lambda: upstream_context(None))
 
     def decide(self, request: Request) -> Decision:
         if self.metrics is None:

@@ -178,7 +178,7 @@ async def handle_request(ctx: ProxyContext, head: RequestHead, client: Conn,
                                                     fresh=attempt == 2)
         ex.address = address
         try:
-            keep = await _exchange(ctx, head, url, framing, decision, client, upstream, ex,
+            keep = await exchange(ctx, head, url, framing, decision, client, upstream, ex,
                                    retryable=reused and framing.kind == "none")
         except _Stale:
             upstream.close()
@@ -255,9 +255,11 @@ async def _send_body(ctx: ProxyContext, client: Conn, upstream: Conn, framing: F
     await upstream.send(LAST_CHUNK)
 
 
-async def _exchange(ctx: ProxyContext, head: RequestHead, url: URL, framing: Framing,
+async def exchange(ctx: ProxyContext, head: RequestHead, url: URL, framing: Framing,
                     decision: Decision, client: Conn, upstream: Conn, ex: Exchange,
-                    retryable: bool) -> bool:
+                    retryable: bool, pool: bool = True) -> bool:
+    """Send one decided request upstream and relay its response. True when both sides may
+    carry another request; ``pool`` returns the upstream connection to the shared pool."""
     try:
         await upstream.send(_upstream_head(head, url, framing))
     except OSError as exc:
@@ -305,7 +307,8 @@ async def _exchange(ctx: ProxyContext, head: RequestHead, url: URL, framing: Fra
                                                      serialize_headers(headers)))
     complete = await _relay_response(ctx, upstream, client, rframing, ex)
     if keep and complete:
-        ctx.release(ex.address or "", url.port, upstream)
+        if pool:
+            ctx.release(ex.address or "", url.port, upstream)
     else:
         upstream.close()
     return keep and complete

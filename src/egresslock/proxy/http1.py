@@ -93,6 +93,20 @@ class ResponseHead:
         return None
 
 
+def _keep_alive(version: str, headers: Headers) -> bool:
+    """Persistence per RFC 9112 9.3: HTTP/1.1 unless "close", HTTP/1.0 only with "keep-alive".
+
+    Computed here because llhttp resets its flags once a bodyless message completes, so its
+    should_keep_alive() is wrong after a head alone."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    if b"close" in tokens:
+        return False
+    return version == "1.1" or b"keep-alive" in tokens
+
+
 def parse_request_head(data: bytes) -> RequestHead:
     """Parse a complete request head (through the blank line). Raises ProtocolError."""
     collector = _Collector(headers=[])
@@ -116,7 +130,7 @@ def parse_request_head(data: bytes) -> RequestHead:
         raise ProtocolError("malformed request: request-target is not ASCII") from exc
     assert collector.headers is not None
     return RequestHead(method, target, version, collector.headers,
-                       bool(parser.should_keep_alive()), upgrade and method != "CONNECT")
+                       _keep_alive(version, collector.headers), upgrade and method != "CONNECT")
 
 
 def parse_response_head(data: bytes) -> ResponseHead:
@@ -135,8 +149,9 @@ def parse_response_head(data: bytes) -> ResponseHead:
     parts = status_line.split(b" ", 2)
     reason = parts[2] if len(parts) > 2 else b""
     assert collector.headers is not None
-    return ResponseHead(parser.get_status_code(), reason, parser.get_http_version(),
-                        collector.headers, bool(parser.should_keep_alive()))
+    version = parser.get_http_version()
+    return ResponseHead(parser.get_status_code(), reason, version, collector.headers,
+                        _keep_alive(version, collector.headers))
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,8 +21,10 @@ from egresslock.proxy.conn import Conn
 from egresslock.proxy.context import ProxyContext
 from egresslock.proxy.forward import Refused, bad_request, dial, resolve_and_decide
 from egresslock.proxy.http1 import RequestHead, deny_response
+from egresslock.proxy.inspect import inspect_tunnel
 from egresslock.proxy.relay import RelayStats, relay
 from egresslock.proxy.tls import ClientHello, NotTLS, looks_like_tls, parse_client_hello
+from egresslock.proxy.tlsconn import TLSError
 
 
 @dataclass(slots=True)
@@ -111,10 +113,9 @@ async def handle_connect(ctx: ProxyContext, head: RequestHead, client: Conn,
     result.host, result.port = host, port
     request = Request(host, port, "https" if port in HTTPS_PORTS else "tcp", layer=Layer.CONNECT)
     decision, addresses = await resolve_and_decide(ctx, request, keep_alive=False)
-    if decision.inspect:
-        reason = (f"rule {decision.rule_id} needs TLS inspection (inspect: true), which this "
-                  "egresslock build does not provide; the tunnel is refused rather than "
-                  "let through unchecked")
+    if decision.inspect and ctx.minter is None:
+        reason = (f"rule {decision.rule_id} needs TLS inspection (inspect: true), but the proxy "
+                  "has no CA; create one with 'egresslock ca init' and restart the proxy")
         raise Refused(deny_response(decision.rule_id, reason, True), "deny", decision.rule_id,
                       reason)
     upstream, address = await dial(ctx, addresses, port, decision)
@@ -131,6 +132,16 @@ async def handle_connect(ctx: ProxyContext, head: RequestHead, client: Conn,
         why = check_sni(hello, host, port)
         if why is not None:
             raise TunnelDenied("default", why)
+        if decision.inspect:
+            if hello is None:
+                raise TunnelDenied(decision.rule_id, "an inspected tunnel must begin with TLS")
+            try:
+                result.bytes_out, result.bytes_in = await inspect_tunnel(
+                    ctx, client, upstream, host, port, addresses, ctx.log)
+            except TLSError as exc:
+                raise TunnelDenied(decision.rule_id, f"inspection failed: {exc}") from exc
+            result.ended = "inspected"
+            return decision
         first = client.take_buffer()
         if first:
             await upstream.send(first)

@@ -1,0 +1,180 @@
+"""Inside an ``inspect: true`` tunnel: decrypt, decide every request, re-encrypt.
+
+The client's TLS ends at the proxy with a leaf minted for the CONNECT host; the proxy opens its
+own TLS to the checked upstream address with full verification. Each request inside is decided
+like a plain-HTTP one (method, normalised path, query, body size) and must name the CONNECT host
+in Host, so one tunnel cannot carry requests for another host (domain fronting, DESIGN.md rule
+2). A denied request gets a 403 inside the tunnel, which stays usable for the next request
+unless the denied request carried a body the proxy did not read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from egresslock.audit import AuditRecord
+from egresslock.errors import InputError
+from egresslock.policy import Decision, Layer, Request, parse_url
+from egresslock.policy.normalize import IPAddress, split_authority
+from egresslock.proxy.conn import Conn
+from egresslock.proxy.context import ProxyContext
+from egresslock.proxy.forward import (
+    Exchange,
+    Refused,
+    audit_row,
+    dial,
+    exchange,
+    upstream_failed,
+)
+from egresslock.proxy.http1 import (
+    ProtocolError,
+    RequestHead,
+    deny_response,
+    parse_request_head,
+    request_framing,
+    simple_response,
+)
+from egresslock.proxy.tlsconn import TLSConn, TLSError
+
+
+async def inspect_tunnel(ctx: ProxyContext, client: Conn, upstream: Conn, host: str, port: int,
+                         addresses: tuple[IPAddress, ...],
+                         log: Callable[[AuditRecord], None]) -> tuple[int, int]:
+    """Serve decrypted requests until the client is done. Returns (bytes out, bytes in)."""
+    assert ctx.minter is not None
+    client_tls = TLSConn(client, ctx.minter.context(host), server_side=True)
+    try:
+        async with asyncio.timeout(ctx.limits.hello_timeout):
+            await client_tls.handshake()
+    except TimeoutError as exc:
+        raise TLSError("client TLS handshake timed out") from exc
+    state = _Upstream(ctx, upstream, host, port, addresses)
+    totals = [0, 0]
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(ctx.limits.idle_timeout):
+                    raw = await client_tls.read_head(ctx.limits.max_head_bytes)
+            except (TimeoutError, ProtocolError):
+                return totals[0], totals[1]
+            if raw is None:
+                return totals[0], totals[1]
+            ex = Exchange()
+            head: RequestHead | None = None
+            try:
+                head = parse_request_head(raw)
+                keep, decision = await _one(ctx, head, client_tls, state, host, port, addresses,
+                                            ex)
+            except Refused as r:
+                await client_tls.send(r.response)
+                log(audit_row(ex, head, "http", r.verdict, r.rule_id, r.reason))
+                if not r.keep_alive:
+                    return totals[0], totals[1]
+                continue
+            except ProtocolError as exc:
+                reason = f"malformed request inside tunnel: {exc}"
+                await client_tls.send(simple_response(400, "Bad Request",
+                                                      f"egresslock: {reason}", close=True))
+                log(audit_row(ex, head, "http", "deny", "default", reason))
+                return totals[0], totals[1]
+            totals[0] += ex.bytes_out
+            totals[1] += ex.bytes_in
+            log(_inner_row(ex, head, decision))
+            if not keep:
+                return totals[0], totals[1]
+    finally:
+        state.close()
+        client_tls.close()
+
+
+def _inner_row(ex: Exchange, head: RequestHead, decision: Decision) -> AuditRecord:
+    return audit_row(ex, head, "http", decision.verdict.value, decision.rule_id, decision.reason)
+
+
+class _Upstream:
+    """The tunnel's TLS connection to the checked upstream, opened on first use."""
+
+    def __init__(self, ctx: ProxyContext, raw: Conn, host: str, port: int,
+                 addresses: tuple[IPAddress, ...]) -> None:
+        self.ctx, self.raw, self.host, self.port, self.addresses = ctx, raw, host, port, addresses
+        self.tls: TLSConn | None = None
+
+    async def get(self, decision: Decision) -> TLSConn:
+        if self.tls is not None:
+            if not self.tls.closed:
+                return self.tls
+            # The server ended the last exchange: the tunnel goes on over a new connection.
+            self.raw, _ = await dial(self.ctx, self.addresses, self.port, decision)
+            self.tls = None
+        tls = TLSConn(self.raw, self.ctx.upstream_tls, server_side=False,
+                      server_hostname=self.host)
+        try:
+            async with asyncio.timeout(self.ctx.limits.connect_timeout):
+                await tls.handshake()
+        except (TLSError, TimeoutError, OSError) as exc:
+            self.raw.close()
+            raise upstream_failed(502, decision, f"upstream {self.host}:{self.port}: "
+                                  f"{exc or 'TLS handshake timed out'}") from exc
+        self.tls = tls
+        return tls
+
+    def close(self) -> None:
+        if self.tls is not None:
+            self.tls.close()
+        self.raw.close()
+
+
+async def _one(ctx: ProxyContext, head: RequestHead, client: TLSConn, upstream: _Upstream,
+               host: str, port: int, addresses: tuple[IPAddress, ...], ex: Exchange
+               ) -> tuple[bool, Decision]:
+    framing = request_framing(head)
+    keep_alive = head.keep_alive and framing.kind == "none"
+    authority = f"[{host}]" if ":" in host else host
+    target = head.target
+    if not target.startswith("/"):
+        raise Refused(deny_response("default", f"request target {target[:200]!r} inside a "
+                                    "tunnel must be a path", not keep_alive), "deny",
+                      "default", "request target inside a tunnel must be a path", keep_alive)
+    try:
+        url = parse_url(f"https://{authority}:{port}{target}")
+    except InputError as exc:
+        reason = f"refused as ambiguous: {exc}"
+        raise Refused(deny_response("default", reason, not keep_alive), "deny", "default",
+                      reason, keep_alive) from exc
+    ex.url = url
+    hosts = head.get_all(b"host")
+    try:
+        named = [split_authority(h.decode("ascii"), port) for h in hosts]
+    except (InputError, UnicodeDecodeError):
+        named = [("?", 0)]
+    if len(named) != 1 or named[0] != (host, port):
+        shown = b", ".join(hosts).decode("ascii", "replace") or "none"
+        reason = (f"Host {shown} differs from CONNECT host {host}:{port} inside the tunnel "
+                  "(domain fronting)")
+        raise Refused(deny_response("default", reason, not keep_alive), "deny", "default",
+                      reason, keep_alive)
+    if head.upgrade:
+        reason = "upgrade not allowed: no rule allows protocol upgrades"
+        raise Refused(deny_response("default", reason, True), "deny", "default", reason)
+    request = Request(host, port, "https", head.method, url.path, url.query,
+                      tuple(n.decode("latin-1").lower() for n, _ in head.headers),
+                      framing.length if framing.kind == "length" else (
+                          0 if framing.kind == "none" else None), addresses, Layer.HTTP)
+    decision = ctx.decide(request)
+    if not decision.allowed:
+        raise Refused(deny_response(decision.rule_id, decision.reason, not keep_alive), "deny",
+                      decision.rule_id, decision.reason, keep_alive)
+    if (head.get(b"expect") or b"").lower() == b"100-continue" and framing.kind != "none":
+        await client.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+    tls = await upstream.get(decision)
+    ex.address = str(addresses[0]) if addresses else None
+    try:
+        keep = await exchange(ctx, head, url, framing, decision, client, tls, ex,
+                              retryable=False, pool=False)
+    except BaseException:
+        tls.close()
+        raise
+    if not keep:
+        tls.close()
+    return keep and head.keep_alive, decision
