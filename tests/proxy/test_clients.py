@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 
@@ -113,3 +115,68 @@ def test_upstream_unreachable_is_502_not_a_deny(proxy_factory, upstreams: Upstre
     assert r.status_code == 502
     assert "X-Egresslock-Deny" not in r.headers
     assert "cannot connect to 127.0.0.1" in r.text
+
+
+def _upgrade_echo_server() -> tuple[socket.socket, threading.Thread]:
+    """Answers one Upgrade request with 101, then echoes bytes until the peer closes."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+
+    def run() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                         b"Upgrade: websocket\r\n\r\n")
+            try:
+                while data := conn.recv(4096):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return srv, t
+
+
+def test_websocket_upgrade_allowed_by_rule_and_capped(proxy_factory) -> None:  # type: ignore[no-untyped-def]
+    srv, _thread = _upgrade_echo_server()
+    port = srv.getsockname()[1]
+    policy = (f"version: 1\nnetwork: {{allow_ranges: ['127.0.0.1/32']}}\nrules:\n"
+              f"  - id: ws\n    host: app.test\n    ports: [{port}]\n"
+              "    upgrades: [websocket]\n    max_body_bytes: 100\n")
+    p = proxy_factory(policy)
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
+        s.sendall(b"GET http://app.test:%d/ws HTTP/1.1\r\nHost: app.test:%d\r\n"
+                  b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n" % (port, port))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(4096)
+        assert head.startswith(b"HTTP/1.1 101")
+        s.sendall(b"frame-one!")
+        assert s.recv(4096) == b"frame-one!"
+        s.sendall(b"x" * 200)  # past max_body_bytes: the connection is cut
+        rest = b""
+        try:
+            while chunk := s.recv(4096):
+                rest += chunk
+        except ConnectionResetError:
+            pass
+        assert b"x" not in rest
+    srv.close()
+    rows = p.rows(1)
+    assert any("upgraded connection cut: client sent over max_body_bytes 100" in str(r["reason"])
+               and r["verdict"] == "deny" for r in rows)
+
+
+def test_upgrade_without_rule_is_denied(proxy: RunningProxy, upstreams: Upstreams) -> None:
+    p = upstreams.http.port
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(b"GET http://app.test:%d/echo/a HTTP/1.1\r\nHost: app.test:%d\r\n"
+                  b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n" % (p, p))
+        resp = s.recv(4096)
+    assert resp.startswith(b"HTTP/1.1 403")
+    assert b"upgrade to websocket not allowed by rule app-read (allows none)" in resp

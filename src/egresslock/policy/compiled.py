@@ -54,7 +54,7 @@ class CompiledRule:
 
     __slots__ = (
         "action_deny", "constrains", "host", "id", "index", "inspect", "max_body_bytes",
-        "methods", "paths", "ports", "query",
+        "methods", "paths", "ports", "query", "upgrades",
     )
 
     def __init__(self, rule: Rule, index: int) -> None:
@@ -79,6 +79,7 @@ class CompiledRule:
             self.query = CompiledQuery(True, None, None)
         self.max_body_bytes = rule.max_body_bytes
         self.inspect = rule.inspect
+        self.upgrades = frozenset(rule.upgrades or ())
         self.constrains = rule.constrains_requests
 
     def __repr__(self) -> str:

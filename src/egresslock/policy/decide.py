@@ -74,6 +74,7 @@ class Request:
     body_size: int | None = None
     addresses: tuple[IPAddress, ...] = ()
     layer: Layer = Layer.HTTP
+    upgrade: str | None = None  # the protocol an Upgrade request asks for, lower-case
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +134,7 @@ def _decide(policy: CompiledPolicy, request: Request) -> Decision:
                 return _deny(rule.id, f"rule {rule.id} denies some requests to {host} but "
                                       "cannot see inside a tunnel without inspect: true")
             inspect = True
-        elif _refusal(rule, request) is None:
+        elif _deny_matches(rule, request):
             return _deny(rule.id, f"denied by rule {rule.id}")
 
     best: tuple[int, Decision] | None = None
@@ -180,13 +181,18 @@ def _addresses(request: Request) -> tuple[IPAddress, ...]:
 # How far a request got into a rule before it was refused. When several allow rules name the
 # host, the deny is explained by the rule that matched furthest: a POST refused by a read rule
 # (method) and by a write rule (body size) is explained by the write rule.
-_STAGE_PORT, _STAGE_METHOD, _STAGE_PATH, _STAGE_QUERY, _STAGE_BODY = range(5)
+_STAGE_PORT, _STAGE_METHOD, _STAGE_PATH, _STAGE_QUERY, _STAGE_UPGRADE, _STAGE_BODY = range(6)
 
 
-def _refusal(rule: CompiledRule, request: Request) -> str | None:
-    """Why ``rule`` does not match the request's method, path, query and body; None if it does."""
-    found = _refusal_stage(rule, request)
-    return None if found is None else found[1]
+def _deny_matches(rule: CompiledRule, request: Request) -> bool:
+    """A deny rule matches by method and path (the loader refuses query and body caps on deny
+    rules), whatever else the request carries: an upgrade or a body never escapes a deny."""
+    if rule.methods is not None and request.method is not None and (
+        request.method not in rule.methods
+    ):
+        return False
+    return not (rule.paths is not None and request.path is not None and not any(
+        p.matches(request.path) for p in rule.paths))
 
 
 def _refusal_stage(rule: CompiledRule, request: Request) -> tuple[int, str] | None:
@@ -204,6 +210,10 @@ def _refusal_stage(rule: CompiledRule, request: Request) -> tuple[int, str] | No
         why = rule.query.refuse(request.query, by)
         if why is not None:
             return _STAGE_QUERY, why
+    if request.upgrade is not None and request.upgrade not in rule.upgrades:
+        allowed = ", ".join(sorted(rule.upgrades)) or "none"
+        return _STAGE_UPGRADE, (f"upgrade to {request.upgrade} not allowed {by} "
+                                f"(allows {allowed})")
     if rule.max_body_bytes is not None and request.body_size is not None and (
         request.body_size > rule.max_body_bytes
     ):

@@ -21,6 +21,7 @@ from egresslock.policy.glob import parse_host_pattern, parse_path_pattern
 _RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _METHOD = re.compile(r"^[A-Z][A-Z0-9-]{0,31}$")
 _HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+_UPGRADE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,31}$")
 _ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -67,7 +68,19 @@ def _check_header(value: str) -> str:
     return value
 
 
+def _check_upgrade(value: str) -> str:
+    if value.lower() in ("h2c", "http/2", "http/2.0"):
+        raise ValueError(
+            f"upgrade {value!r} cannot be allowed: requests after a switch to HTTP/2 would not "
+            "be decided one by one; allow HTTP/1.1 protocols such as websocket"
+        )
+    if not _UPGRADE.match(value):
+        raise ValueError(f"upgrade {value!r} must be a protocol token, like websocket")
+    return value.lower()
+
+
 HostPatternStr = Annotated[str, AfterValidator(_check_host)]
+UpgradeStr = Annotated[str, AfterValidator(_check_upgrade)]
 PathPatternStr = Annotated[str, AfterValidator(_check_path)]
 MethodStr = Annotated[str, AfterValidator(_check_method)]
 CIDRStr = Annotated[str, AfterValidator(_check_cidr)]
@@ -111,6 +124,11 @@ class Rule(_Strict):
     inspect: bool = Field(
         default=False,
         description="Decrypt HTTPS so methods, paths, queries and bodies can be enforced.",
+    )
+    upgrades: list[UpgradeStr] | None = Field(
+        default=None,
+        description="Protocols a request may switch to with Upgrade, e.g. [websocket]; the "
+        "frames are relayed and counted against max_body_bytes. Default: none.",
     )
     action: Literal["allow", "deny"] = Field(
         default="allow", description="allow or deny; a matching deny always wins."
@@ -250,3 +268,11 @@ class Policy(_Strict):
     secrets: list[Secret] = Field(default_factory=list)
     credentials: list[Credential] = Field(default_factory=list)
     output: Output = Field(default_factory=Output)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, value: object) -> object:
+        # Literal[1] compares by equality, so True and 1.0 would pass as 1 even in strict mode.
+        if type(value) is not int:
+            raise ValueError(f"version must be the integer 1 (got {value!r})")
+        return value

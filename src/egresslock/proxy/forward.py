@@ -27,6 +27,7 @@ from egresslock.proxy.http1 import (
     Headers,
     ProtocolError,
     RequestHead,
+    ResponseHead,
     deny_response,
     encode_chunk,
     parse_response_head,
@@ -79,6 +80,15 @@ class Exchange:
     bytes_out: int = 0
     bytes_in: int = 0
     status: int = 0
+    cut_reason: str | None = None  # why an allowed exchange was cut short (a limit hit)
+
+
+def upgrade_token(head: RequestHead) -> str | None:
+    """The protocol an Upgrade request asks for (lower-case), or None for a plain request."""
+    if not head.upgrade:
+        return None
+    value = (head.get(b"upgrade") or b"").split(b",")[0].strip().lower()
+    return value.decode("ascii", "replace") or "unknown"
 
 
 def check_host_header(head: RequestHead, url: URL) -> None:
@@ -162,14 +172,11 @@ async def handle_request(ctx: ProxyContext, head: RequestHead, client: Conn,
     if url.scheme != "http":
         raise bad_request(f"absolute-form {url.scheme}:// is not forwarded; use CONNECT")
     check_host_header(head, url)
-    if head.upgrade:
-        upgrade = (head.get(b"upgrade") or b"?").decode("ascii", "replace")
-        reason = f"upgrade to {upgrade} not allowed: no rule allows protocol upgrades"
-        raise Refused(deny_response("default", reason, True), "deny", "default", reason)
     request = Request(url.host, url.port, "http", head.method, url.path, url.query,
                       tuple(n.decode("latin-1").lower() for n, _ in head.headers),
                       framing.length if framing.kind == "length" else (
-                          0 if framing.kind == "none" else None), (), Layer.HTTP)
+                          0 if framing.kind == "none" else None), (), Layer.HTTP,
+                      upgrade_token(head))
     decision, addresses = await resolve_and_decide(ctx, request, keep_alive)
     if (head.get(b"expect") or b"").lower() == b"100-continue" and framing.kind != "none":
         await client.send(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -214,6 +221,9 @@ def _upstream_head(head: RequestHead, url: URL, framing: Framing) -> bytes:
         headers.append((name, value))
     if framing.kind == "chunked":
         headers.append((b"Transfer-Encoding", b"chunked"))
+    upgrade = head.get(b"upgrade")
+    if head.upgrade and upgrade is not None:  # decided already: the rule allows this protocol
+        headers += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade)]
     return b"%s %s HTTP/1.1\r\n%s\r\n" % (
         head.method.encode("ascii"), url.target.encode("ascii"), serialize_headers(headers))
 
@@ -267,6 +277,42 @@ async def exchange(ctx: ProxyContext, head: RequestHead, url: URL, framing: Fram
             raise _Stale from exc
         raise upstream_failed(502, decision, f"upstream {ex.address}: {exc}") from exc
     await _send_body(ctx, client, upstream, framing, decision, ex)
+    resp = await _final_response_head(ctx, upstream, decision, ex, retryable)
+    if resp.status == 101:
+        if not head.upgrade:
+            raise upstream_failed(502, decision, "upstream switched protocols, but the request "
+                                                 "asked for no upgrade")
+        headers = strip_hop_by_hop(resp.headers)
+        headers += [(b"Connection", b"Upgrade"), (b"Upgrade", resp.get(b"upgrade") or b"")]
+        ex.status = 101
+        await client.send(b"HTTP/1.1 101 %s\r\n%s\r\n" % (resp.reason,
+                                                            serialize_headers(headers)))
+        await relay_upgraded(ctx, client, upstream, decision, ex)
+        upstream.close()
+        return False
+    rframing = response_framing(resp, head.method)
+    keep = resp.keep_alive and rframing.kind != "close"
+    headers = strip_hop_by_hop(resp.headers)
+    if rframing.kind == "chunked":
+        headers.append((b"Transfer-Encoding", b"chunked"))
+    if not keep or not head.keep_alive:
+        headers.append((b"Connection", b"close"))
+    ex.status = resp.status
+    await client.send(b"HTTP/1.1 %d %s\r\n%s\r\n" % (resp.status, resp.reason,
+                                                     serialize_headers(headers)))
+    complete = await _relay_response(ctx, upstream, client, rframing, ex)
+    if keep and complete:
+        if pool:
+            ctx.release(ex.address or "", url.port, upstream)
+    else:
+        upstream.close()
+    return keep and complete
+
+
+async def _final_response_head(ctx: ProxyContext, upstream: Conn, decision: Decision,
+                               ex: Exchange, retryable: bool) -> ResponseHead:
+    """The upstream's final response head, skipping interim 1xx (the proxy answered
+    100 Continue itself); 502/504 for a broken or silent upstream."""
     while True:
         try:
             async with asyncio.timeout(ctx.limits.response_timeout):
@@ -289,29 +335,45 @@ async def exchange(ctx: ProxyContext, head: RequestHead, url: URL, framing: Fram
             resp = parse_response_head(raw)
         except ProtocolError as exc:
             raise upstream_failed(502, decision, str(exc)) from exc
-        if 100 <= resp.status < 200 and resp.status != 101:
-            continue  # interim responses: the proxy answered 100 Continue itself
-        break
-    if resp.status == 101:
-        raise upstream_failed(502, decision, "upstream switched protocols without a rule "
-                                             "allowing upgrades")
-    rframing = response_framing(resp, head.method)
-    keep = resp.keep_alive and rframing.kind != "close"
-    headers = strip_hop_by_hop(resp.headers)
-    if rframing.kind == "chunked":
-        headers.append((b"Transfer-Encoding", b"chunked"))
-    if not keep or not head.keep_alive:
-        headers.append((b"Connection", b"close"))
-    ex.status = resp.status
-    await client.send(b"HTTP/1.1 %d %s\r\n%s\r\n" % (resp.status, resp.reason,
-                                                     serialize_headers(headers)))
-    complete = await _relay_response(ctx, upstream, client, rframing, ex)
-    if keep and complete:
-        if pool:
-            ctx.release(ex.address or "", url.port, upstream)
-    else:
-        upstream.close()
-    return keep and complete
+        if not (100 <= resp.status < 200 and resp.status != 101):
+            return resp
+
+
+async def relay_upgraded(ctx: ProxyContext, client: Conn, upstream: Conn, decision: Decision,
+                         ex: Exchange) -> None:
+    """Relay an upgraded connection (WebSocket) both ways, counting what the client sends
+    against the rule's ``max_body_bytes``: past it the connection is cut."""
+    limit = decision.body_limit
+
+    async def up() -> None:
+        while True:
+            async with asyncio.timeout(ctx.limits.tunnel_idle_timeout):
+                data = await client.read_some(_BODY_CHUNK)
+            if not data:
+                return
+            if limit is not None and ex.bytes_out + len(data) > limit:
+                ex.cut_reason = (f"upgraded connection cut: client sent over max_body_bytes "
+                                 f"{limit} of rule {decision.rule_id}")
+                return
+            ex.bytes_out += len(data)
+            await upstream.send(data)
+
+    async def down() -> None:
+        while True:
+            async with asyncio.timeout(ctx.limits.tunnel_idle_timeout):
+                data = await upstream.read_some(_BODY_CHUNK)
+            if not data:
+                return
+            ex.bytes_in += len(data)
+            await client.send(data)
+
+    tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _relay_response(ctx: ProxyContext, upstream: Conn, client: Conn, framing: Framing,

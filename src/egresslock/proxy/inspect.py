@@ -25,6 +25,7 @@ from egresslock.proxy.forward import (
     audit_row,
     dial,
     exchange,
+    upgrade_token,
     upstream_failed,
 )
 from egresslock.proxy.http1 import (
@@ -89,6 +90,8 @@ async def inspect_tunnel(ctx: ProxyContext, client: Conn, upstream: Conn, host: 
 
 
 def _inner_row(ex: Exchange, head: RequestHead, decision: Decision) -> AuditRecord:
+    if ex.cut_reason is not None:
+        return audit_row(ex, head, "http", "deny", decision.rule_id, ex.cut_reason)
     return audit_row(ex, head, "http", decision.verdict.value, decision.rule_id, decision.reason)
 
 
@@ -154,13 +157,11 @@ async def _one(ctx: ProxyContext, head: RequestHead, client: TLSConn, upstream: 
                   "(domain fronting)")
         raise Refused(deny_response("default", reason, not keep_alive), "deny", "default",
                       reason, keep_alive)
-    if head.upgrade:
-        reason = "upgrade not allowed: no rule allows protocol upgrades"
-        raise Refused(deny_response("default", reason, True), "deny", "default", reason)
     request = Request(host, port, "https", head.method, url.path, url.query,
                       tuple(n.decode("latin-1").lower() for n, _ in head.headers),
                       framing.length if framing.kind == "length" else (
-                          0 if framing.kind == "none" else None), addresses, Layer.HTTP)
+                          0 if framing.kind == "none" else None), addresses, Layer.HTTP,
+                      upgrade_token(head))
     decision = ctx.decide(request)
     if not decision.allowed:
         raise Refused(deny_response(decision.rule_id, decision.reason, not keep_alive), "deny",

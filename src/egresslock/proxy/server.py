@@ -175,8 +175,11 @@ class ProxyServer:
             reason = f"connection failed mid-exchange: {exc or type(exc).__name__}"
             self.ctx.log(audit_row(ex, head, "http", "allow", "default", reason))
             return False
-        self.ctx.log(audit_row(ex, head, "http", decision.verdict.value, decision.rule_id,
-                               decision.reason))
+        if ex.cut_reason is not None:
+            self.ctx.log(audit_row(ex, head, "http", "deny", decision.rule_id, ex.cut_reason))
+        else:
+            self.ctx.log(audit_row(ex, head, "http", decision.verdict.value, decision.rule_id,
+                                   decision.reason))
         return keep
 
     async def _connect(self, head: RequestHead, client: Conn) -> None:
