@@ -61,10 +61,10 @@ def check(ctx: click.Context, policy_file: Path, method: str, headers: tuple[str
     except InputError as exc:
         if as_json:
             click.echo(json.dumps({"verdict": "deny", "rule_id": "default",
-                                   "reason": f"refused as malformed: {exc}", "url": url}))
+                                   "reason": f"refused as ambiguous: {exc}", "url": url}))
         else:
             click.echo(f"DENY  {method.upper()} {url}\nrule:   default\nreason: refused as "
-                       f"malformed: {exc}")
+                       f"ambiguous: {exc}")
         ctx.exit(1)
     d = result.decision
     if as_json:

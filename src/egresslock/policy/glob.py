@@ -17,7 +17,12 @@ import re
 from dataclasses import dataclass
 
 from egresslock.errors import InputError
-from egresslock.policy.normalize import normalize_host, normalize_path, parse_ip_literal
+from egresslock.policy.normalize import (
+    decode_segment,
+    hides_dot_segment,
+    normalize_host,
+    parse_ip_literal,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +97,14 @@ def parse_path_pattern(raw: str) -> PathPattern:
             continue
         pieces = segment.split("*")
         try:
-            # Normalise the literal pieces exactly as request paths are, so '%7e' and '~' agree.
-            literal = [normalize_path("/" + p)[1:] for p in pieces]
+            # Decode the literal pieces exactly as request segments are, so '%7e' and '~' agree.
+            # Each piece is decoded on its own: '.*' is a valid pattern although '.' alone is not.
+            literal = [decode_segment(p, raw) for p in pieces]
         except InputError as exc:
             raise InputError(f"path pattern {raw!r}: {exc}") from exc
-        if segment in (".", "..") or (segment == "" and index != len(segments) - 1):
+        if ("*" not in segment and hides_dot_segment(literal[0])) or (
+            segment == "" and index != len(segments) - 1
+        ):
             raise InputError(f"path pattern {raw!r} has a dot or empty segment; requests with "
                              "those are always refused, so the pattern could never match")
         parts.append("/" + "[^/]*".join(re.escape(p) for p in literal))

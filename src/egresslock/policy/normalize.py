@@ -33,10 +33,18 @@ _MAX_HOST = 253
 # Delimiters of URLs: a host holding one was cut from its URL wrongly, or is an attack on a parser.
 _NEVER_IN_HOST = frozenset("/\\@?#")
 _IPV4_NUMBER = re.compile(r"^(?:0[xX][0-9a-fA-F]*|[0-9]+)$")
+# 2**32 has 10 decimal digits; anything far longer is out of range without converting it.
+_MAX_DECIMAL_DIGITS = 64
 
 
 def parse_ipv4_number(part: str) -> int:
-    """Read one dotted part as the WHATWG IPv4 parser does: 0x hex, leading-0 octal, else decimal."""
+    """Read one dotted part as WHATWG's IPv4 parser does: 0x hex, leading-0 octal, else decimal.
+
+    A decimal part of thousands of digits would make ``int`` raise ValueError (CPython's
+    int-to-str limit, CVE-2020-10735); it is out of range for any IPv4 address, so it is refused.
+    """
+    if part[0] != "0" and len(part) > _MAX_DECIMAL_DIGITS:
+        raise InputError(f"{part[:20]!r}... has a part out of range for an IPv4 address")
     if part[:2] in ("0x", "0X"):
         return int(part[2:], 16) if len(part) > 2 else 0
     if len(part) > 1 and part[0] == "0":
@@ -88,12 +96,32 @@ def parse_ip_literal(text: str) -> IPAddress | None:
     return parse_ipv4_literal(text)
 
 
+# The common case: an ASCII name of valid labels, no A-label ("xn--") among them, whose last label
+# is not a number. For it, every step of the full path below is the identity but lower-casing and
+# dropping one trailing dot, so it is answered by one regex (the proxy normalises every request's
+# host, and a policy of 100,000 rules normalises each host twice: when validated, when compiled).
+_PLAIN_NAME = re.compile(
+    r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.?"
+)
+
+
 def normalize_host(raw: str) -> str:
     """Return the one spelling of a host: lower-case A-labels, no trailing dot, IPs canonical.
 
     IPv6 addresses come back without brackets, in RFC 5952 form. Raises InputError naming the
     character or label that no hostname may hold.
     """
+    # isascii() first: str.lower() maps some non-ASCII characters to ASCII (KELVIN SIGN to "k").
+    if raw.isascii() and len(raw) <= _MAX_HOST + 1:
+        lowered = raw.lower()
+        if "xn--" not in lowered and _PLAIN_NAME.fullmatch(lowered):
+            name = lowered[:-1] if lowered.endswith(".") else lowered
+            if len(name) <= _MAX_HOST and not _IPV4_NUMBER.match(name.rpartition(".")[2]):
+                return name
+    return _normalize_host_full(raw)
+
+
+def _normalize_host_full(raw: str) -> str:
     if not raw:
         raise InputError("empty host")
     for c in raw:
@@ -146,7 +174,9 @@ def _normalize_label(label: str, raw: str) -> str:
     try:
         return idna.alabel(label).decode("ascii")
     except idna.IDNAError as exc:
-        raise InputError(f"host {raw!r}: label {label!r} cannot be written in Punycode: {exc}") from exc
+        raise InputError(
+            f"host {raw!r}: label {label!r} cannot be written in Punycode: {exc}"
+        ) from exc
 
 
 # --- paths -------------------------------------------------------------------------------------
@@ -157,7 +187,7 @@ _SEGMENT_RAW = _UNRESERVED | frozenset("!$&'()*+,;=:@")
 _HEX = frozenset("0123456789abcdefABCDEF")
 
 
-def _decode_segment(segment: str, raw: str) -> str:
+def decode_segment(segment: str, raw: str) -> str:
     """Percent-decode unreserved characters, keep the rest encoded with upper-case hex."""
     out: list[str] = []
     i = 0
@@ -193,14 +223,30 @@ def _decode_segment(segment: str, raw: str) -> str:
     return "".join(out)
 
 
+_PARAMS = re.compile(r";|%3B")
+
+
+def hides_dot_segment(decoded: str) -> bool:
+    """True when some server would read ``decoded`` (one segment) as, or with, a dot segment.
+
+    Besides ``.`` and ``..`` themselves: a server that decodes ``%2F`` before resolving dot
+    segments reads ``a%2F..%2Fb`` as three segments, and Tomcat and Spring drop path parameters,
+    so ``..;x`` is ``..`` to them (Orange Tsai, "Breaking Parser Logic", Black Hat USA 2018).
+    """
+    return any(
+        _PARAMS.split(piece, maxsplit=1)[0] in (".", "..") for piece in decoded.split("%2F")
+    )
+
+
 def normalize_path(raw: str) -> str:
     """Return the one spelling of a request path (without query), or raise InputError.
 
     Unreserved characters are decoded and every other escape is upper-cased, so ``/%7Eu`` and
     ``/~u`` are one path, while ``%2F`` stays an escape inside its segment and is never a
-    separator. Dot segments (also ``%2E``), interior empty segments (``//``), backslashes (raw or
-    ``%5C``) and control bytes are refused: servers disagree on them, and what the proxy checks
-    must be what the upstream serves.
+    separator. Dot segments (also ``%2E``, and ``..`` behind ``%2F`` or before a ``;`` path
+    parameter), interior empty segments (``//``), backslashes (raw or ``%5C``) and control bytes
+    are refused: servers disagree on them, and what the proxy checks must be what the upstream
+    serves.
     """
     if not raw.startswith("/"):
         raise InputError(f"path {raw!r} must begin with '/'")
@@ -208,8 +254,8 @@ def normalize_path(raw: str) -> str:
     out: list[str] = []
     last = len(segments) - 1
     for index, segment in enumerate(segments):
-        decoded = _decode_segment(segment, raw)
-        if decoded in (".", ".."):
+        decoded = decode_segment(segment, raw)
+        if hides_dot_segment(decoded):
             raise InputError(f"path {raw!r} has the dot segment {segment!r}")
         if decoded == "" and index != last:
             raise InputError(f"path {raw!r} has an empty segment ('//'), which servers read "
@@ -274,6 +320,11 @@ def split_authority(authority: str, default_port: int) -> tuple[str, int]:
     if port_part is not None:
         if not port_part.isascii() or not port_part.isdigit():
             raise InputError(f"port {port_part!r} in {authority!r} must be a number 1-65535")
+        # Leading zeros are accepted ("0080"), but thousands of digits are not converted: int()
+        # would raise ValueError past CPython's int-to-str limit instead of InputError.
+        stripped = port_part.lstrip("0")
+        if len(stripped) > 5:
+            raise InputError(f"port {port_part[:20]!r}... in {authority[:60]!r} must be 1-65535")
         port = int(port_part)
         if not 1 <= port <= 65535:
             raise InputError(f"port {port} in {authority!r} must be 1-65535")
