@@ -368,3 +368,24 @@ def test_defaults_of_a_policy() -> None:
 ])
 def test_strict_warnings(text: str, expected: list[str]) -> None:
     assert strict_warnings(parse_policy(text)) == expected
+
+
+@pytest.mark.parametrize(("text", "key", "needle"), [
+    pytest.param("version: 1\nrules:\n  - {id: a, host: a.example, ports: [0443]}\n",
+                 "rules[0].ports[0]", "'0443'", id="yaml-1.1-octal-port-is-not-291"),
+    pytest.param("version: 1\nrules:\n  - {id: a, host: a.example, ports: [80], inspect: yes}\n",
+                 "rules[0].inspect", "write true or false", id="yaml-1.1-yes-is-not-a-boolean"),
+    pytest.param("version: 1\nnetwork: {block_private: off}\n", "network.block_private",
+                 "'off'", id="yaml-1.1-off-is-not-a-boolean"),
+    pytest.param("version: 1\nrules:\n  - {id: a, host: a.example, methods: []}\n",
+                 "rules[0].methods", "at least 1", id="empty-methods-list"),
+    pytest.param("version: 1\nsecrets:\n  - {name: '', value: x}\n", "secrets[0].name",
+                 "at least 1", id="empty-secret-name"),
+])
+def test_yaml_1_1_coercions_and_empty_lists_are_refused(text: str, key: str,
+                                                         needle: str) -> None:
+    with pytest.raises(PolicyError) as err:
+        parse_policy(text, "p.yaml")
+    problems = {p.key: p.message for p in err.value.problems}
+    assert key in problems, problems
+    assert needle in problems[key], problems[key]

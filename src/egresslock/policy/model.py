@@ -109,10 +109,11 @@ class Rule(_Strict):
         default_factory=lambda: [80, 443], min_length=1, description="Allowed ports."
     )
     methods: list[MethodStr] | None = Field(
-        default=None, description="Allowed methods; omit for any."
+        default=None, min_length=1, description="Allowed methods; omit for any."
     )
     paths: list[PathPatternStr] | None = Field(
         default=None,
+        min_length=1,
         description="Path globs on the normalised path: '*' within a segment, '**' across.",
     )
     query: Literal["allow", "deny"] | QueryLimits = Field(
@@ -193,7 +194,7 @@ class Network(_Strict):
 class Secret(_Strict):
     """Data that must never leave, named by value, environment variable or file."""
 
-    name: str
+    name: str = Field(min_length=1)
     value: str | None = None
     env: str | None = None
     file: str | None = None
@@ -214,7 +215,7 @@ class Secret(_Strict):
 class Credential(_Strict):
     """A credential the agent sees only as a placeholder; the proxy inserts the real value."""
 
-    name: str
+    name: str = Field(min_length=1)
     env: str | None = None
     value: str | None = None
     file: str | None = None
