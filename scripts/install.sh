@@ -14,6 +14,9 @@ APT_PACKAGES=(
   openssl sqlite3                       # test CAs; reading the audit database by hand
 )
 
+# Node.js drives one client test (fetch through the proxy); keep a node the machine already has.
+command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(nodejs npm)
+
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

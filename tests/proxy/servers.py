@@ -195,3 +195,52 @@ class Recorder:
     def close(self) -> None:
         self._stop = True
         self.sock.close()
+
+
+class StaticHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves the server's directory read-only and records every request line it parsed."""
+
+    protocol_version = "HTTP/1.1"
+    server: StaticServer
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        if ok:
+            self.server.seen.append((self.command, self.path))
+        return ok
+
+
+class StaticServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        super().__init__(("127.0.0.1", 0), StaticHandler)
+        self.seen: list[tuple[str, str]] = []
+
+    def finish_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        StaticHandler(request, client_address, self, directory=str(self.root))
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+
+@contextmanager
+def tls_static_server(root: Path, leaf: Path, key: Path) -> Iterator[StaticServer]:
+    """A static-file server for ``root`` behind TLS (GET and HEAD only; anything else is 501)."""
+    server = StaticServer(root)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(leaf, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import socket
 import struct
 
@@ -35,12 +37,21 @@ class Conn:
         self.closed = False
 
     async def fill(self) -> bool:
-        """Read what is available into the buffer; False at end of stream."""
-        data = await self.loop.sock_recv(self.sock, RECV_SIZE)
-        if not data:
-            return False
-        self.buf += data
-        return True
+        """Read what is available into the buffer; False at end of stream.
+
+        The socket is read first and only registered with the loop when it has nothing: most
+        reads of a busy proxy find data waiting, and each registration costs two epoll_ctl.
+        """
+        while True:
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                await wait_fd(self.loop, self.sock.fileno(), writable=False)
+                continue
+            if not data:
+                return False
+            self.buf += data
+            return True
 
     async def read_head(self, limit: int) -> bytes | None:
         """Bytes through the first blank line, or None on a clean end before any byte.
@@ -74,7 +85,14 @@ class Conn:
         return data
 
     async def send(self, data: bytes) -> None:
-        await self.loop.sock_sendall(self.sock, data)
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self.sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                await wait_fd(self.loop, self.sock.fileno(), writable=True)
+                continue
+            view = view[sent:]
 
     def take_buffer(self) -> bytes:
         data = bytes(self.buf)
@@ -94,15 +112,47 @@ class Conn:
         self.close()
 
 
+async def wait_fd(loop: asyncio.AbstractEventLoop, fd: int, writable: bool) -> None:
+    """Wait until ``fd`` is readable (or writable)."""
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if writable:
+        loop.add_writer(fd, ready)
+    else:
+        loop.add_reader(fd, ready)
+    try:
+        await fut
+    finally:
+        if writable:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
 async def open_conn(address: str, port: int, timeout: float) -> Conn:
-    """Connect to an already checked address. Raises OSError or TimeoutError."""
+    """Connect to an already checked address. Raises OSError or TimeoutError.
+
+    A plain non-blocking connect: the address is numeric and already checked, so nothing may
+    resolve it again (the loop's sock_connect would pass it through getaddrinfo).
+    """
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        async with asyncio.timeout(timeout):
-            await asyncio.get_running_loop().sock_connect(sock, (address, port))
+        err = sock.connect_ex((address, port))
+        if err not in (0, errno.EINPROGRESS):
+            raise OSError(err, os.strerror(err))
+        if err:
+            async with asyncio.timeout(timeout):
+                await wait_fd(asyncio.get_running_loop(), sock.fileno(), writable=True)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
     except BaseException:
         sock.close()
         raise

@@ -298,9 +298,12 @@ async def exchange(ctx: ProxyContext, head: RequestHead, url: URL, framing: Fram
     if not keep or not head.keep_alive:
         headers.append((b"Connection", b"close"))
     ex.status = resp.status
-    await client.send(b"HTTP/1.1 %d %s\r\n%s\r\n" % (resp.status, resp.reason,
-                                                     serialize_headers(headers)))
-    complete = await _relay_response(ctx, upstream, client, rframing, ex)
+    out = _Out(client, b"HTTP/1.1 %d %s\r\n%s\r\n" % (resp.status, resp.reason,
+                                                       serialize_headers(headers)))
+    try:
+        complete = await _relay_response(ctx, upstream, out, rframing, ex)
+    finally:
+        await out.flush()
     if keep and complete:
         if pool:
             ctx.release(ex.address or "", url.port, upstream)
@@ -376,7 +379,28 @@ async def relay_upgraded(ctx: ProxyContext, client: Conn, upstream: Conn, decisi
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _relay_response(ctx: ProxyContext, upstream: Conn, client: Conn, framing: Framing,
+class _Out:
+    """The client side of a response: the head waits to leave with the first body bytes, so a
+    small response is one send and one packet, not two."""
+
+    __slots__ = ("conn", "pending")
+
+    def __init__(self, conn: Conn, head: bytes) -> None:
+        self.conn = conn
+        self.pending = head
+
+    async def send(self, data: bytes) -> None:
+        if self.pending:
+            data, self.pending = self.pending + data, b""
+        await self.conn.send(data)
+
+    async def flush(self) -> None:
+        if self.pending:
+            data, self.pending = self.pending, b""
+            await self.conn.send(data)
+
+
+async def _relay_response(ctx: ProxyContext, upstream: Conn, client: _Out, framing: Framing,
                           ex: Exchange) -> bool:
     """Relay a response body by its framing; True when it ended cleanly."""
     timeout = ctx.limits.body_timeout

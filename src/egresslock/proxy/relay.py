@@ -16,6 +16,8 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from egresslock.proxy.conn import wait_fd
+
 _SPLICE = hasattr(os, "splice")
 _CHUNK = 1 << 18
 _SPLICE_FLAGS = (getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
@@ -30,26 +32,6 @@ class RelayStats:
     bytes_up: int = 0
     bytes_down: int = 0
     last_active: float = field(default_factory=time.monotonic)
-
-
-async def _wait(loop: asyncio.AbstractEventLoop, fd: int, writable: bool) -> None:
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    if writable:
-        loop.add_writer(fd, ready)
-    else:
-        loop.add_reader(fd, ready)
-    try:
-        await fut
-    finally:
-        if writable:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
 
 
 async def _pump_splice(src: socket.socket, dst: socket.socket, stats: RelayStats,
@@ -68,7 +50,7 @@ async def _pump_splice(src: socket.socket, dst: socket.socket, stats: RelayStats
                 try:
                     n = os.splice(s, wfd, _CHUNK, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
-                    await _wait(loop, s, writable=False)
+                    await wait_fd(loop, s, writable=False)
                     continue
                 if n == 0:
                     break
@@ -76,7 +58,7 @@ async def _pump_splice(src: socket.socket, dst: socket.socket, stats: RelayStats
             try:
                 m = os.splice(rfd, d, in_pipe, flags=_SPLICE_FLAGS)
             except BlockingIOError:
-                await _wait(loop, d, writable=True)
+                await wait_fd(loop, d, writable=True)
                 continue
             in_pipe -= m
             if upstream:
