@@ -244,3 +244,17 @@ def tls_static_server(root: Path, leaf: Path, key: Path) -> Iterator[StaticServe
     finally:
         server.shutdown()
         server.server_close()
+
+
+def exchange_raw(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``data`` to 127.0.0.1:``port``, half-close, and read until the peer closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return out

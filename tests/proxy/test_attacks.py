@@ -14,23 +14,14 @@ import pytest
 
 from tests.conftest import require_sandbox
 from tests.proxy.conftest import RunningProxy, Upstreams
-from tests.proxy.servers import Recorder
+from tests.proxy.servers import Recorder, exchange_raw
 
 pytestmark = pytest.mark.integration
 
 
 def raw(proxy: RunningProxy, data: bytes, timeout: float = 10.0) -> bytes:
     """Send ``data``, then read until the proxy closes or ``timeout``."""
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=timeout) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except (TimeoutError, ConnectionResetError):
-            pass
-        return out
+    return exchange_raw(proxy.port, data, timeout)
 
 
 def status(response: bytes) -> int:

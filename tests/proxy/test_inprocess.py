@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from egresslock.policy.normalize import IPAddress
 from egresslock.proxy.context import Limits, PolicyHolder, ProxyContext
 from egresslock.proxy.resolver import Resolver
 from egresslock.proxy.server import ProxyServer, make_listener
-from tests.proxy.servers import EchoServer, echo_server
+from tests.proxy.servers import EchoServer, echo_server, exchange_raw
 
 pytestmark = pytest.mark.integration
 
@@ -77,17 +76,7 @@ def running(request: pytest.FixtureRequest) -> Iterator[tuple[InProcessProxy, Ec
         listener.close()
 
 
-def _get(port: int, data: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except (TimeoutError, ConnectionResetError):
-            pass
-        return out
+_get = exchange_raw
 
 
 def test_dns_rebinding_resolver_changing_answer(running: tuple[InProcessProxy, EchoServer]
@@ -129,15 +118,7 @@ def test_arbitrary_bytes_never_crash_the_proxy(running: tuple[InProcessProxy, Ec
     proxy, upstream = running
     before = len(proxy.rows)
     seen_before = len(upstream.seen)
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except (TimeoutError, ConnectionResetError):
-            pass
+    out = exchange_raw(proxy.port, data, timeout=5)
     if out:
         status = out.split(b" ", 2)[1] if out.startswith(b"HTTP/1.1 ") else b""
         assert status in (b"400", b"403", b"408", b"431"), out[:200]

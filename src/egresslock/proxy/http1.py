@@ -54,6 +54,14 @@ class _Collector:
         self.complete = True
 
 
+def header_value(headers: Headers, name: bytes) -> bytes | None:
+    """The value of the first header called ``name`` (lower-case), or None."""
+    for n, v in headers:
+        if n.lower() == name:
+            return v
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class RequestHead:
     """A parsed request head. ``target`` is the raw request-target as the client sent it."""
@@ -67,10 +75,7 @@ class RequestHead:
 
     def get(self, name: bytes) -> bytes | None:
         """The value of the first header called ``name`` (lower-case), or None."""
-        for n, v in self.headers:
-            if n.lower() == name:
-                return v
-        return None
+        return header_value(self.headers, name)
 
     def get_all(self, name: bytes) -> list[bytes]:
         return [v for n, v in self.headers if n.lower() == name]
@@ -87,10 +92,7 @@ class ResponseHead:
     keep_alive: bool
 
     def get(self, name: bytes) -> bytes | None:
-        for n, v in self.headers:
-            if n.lower() == name:
-                return v
-        return None
+        return header_value(self.headers, name)
 
 
 def _keep_alive(version: str, headers: Headers) -> bool:
