@@ -111,6 +111,8 @@ class _Writer:
         self.last_error: AuditError | None = None
         self.written = self.transactions = self.dropped = self.lost = 0
         self._drop_lock = threading.Lock()
+        # Set when a batch should be cut before its interval ends: a full batch, or a flush.
+        self.wake = threading.Event()
         self._failing, self._failure = False, ""
         self.thread = threading.Thread(target=self._run, name=f"egresslock-audit-{run_id}",
                                        daemon=True)
@@ -126,6 +128,7 @@ class _Writer:
 
     def wait(self, marker: _Flush) -> bool:
         self.queue.put(marker)
+        self.wake.set()
         while not marker.done.wait(1.0):
             if not self.thread.is_alive():
                 return False
@@ -178,12 +181,14 @@ class _Writer:
         if isinstance(first, _Flush):
             return [], first
         batch = [first]
-        deadline = time.monotonic() + self.flush_interval
+        # Let the batch fill for one interval without waking per record (a wake-up per record
+        # costs the event loop the GIL once per request), unless it fills up or a flush comes.
+        if self.queue.qsize() + 1 < self.max_batch:
+            self.wake.wait(self.flush_interval)
+        self.wake.clear()
         while len(batch) < self.max_batch:
-            remaining = deadline - time.monotonic()
             try:
-                item = (self.queue.get(timeout=remaining) if remaining > 0
-                        else self.queue.get_nowait())
+                item = self.queue.get_nowait()
             except Empty:
                 break
             if isinstance(item, _Flush):
@@ -333,6 +338,8 @@ class AuditLog:
             writer.drop(f"more than {self._max_pending} records queued")
         else:
             writer.queue.put(rec)
+            if writer.queue.qsize() >= writer.max_batch:
+                writer.wake.set()
 
     def add_sink(self, fn: Sink) -> None:
         """Also hand every committed row to ``fn`` (on the writer thread, after the commit), as the

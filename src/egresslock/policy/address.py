@@ -14,6 +14,7 @@ saw. Ranges follow the IANA special-purpose registries (RFC 6890 and its updates
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ _IPV6_TABLE: tuple[tuple[AddressClass, tuple[IPNetwork, ...]], ...] = (
 _IPV6_GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")
 
 
+@functools.lru_cache(maxsize=8192)
 def classify_address(address: IPAddress) -> AddressClass:
     """Put an address in its class. Pure; the tables above are the whole logic."""
     table = _IPV4_TABLE if address.version == 4 else _IPV6_TABLE

@@ -11,6 +11,7 @@ UTS #46 (IDNA mapping), RFC 9112 section 3.2 (request targets).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -79,6 +80,9 @@ def parse_ipv4_literal(text: str) -> ipaddress.IPv4Address | None:
     return ipaddress.IPv4Address(value)
 
 
+# Hosts repeat: an agent talks to a handful of APIs thousands of times. Both functions are pure
+# and their results immutable, so a bounded cache spares the proxy re-parsing the same names.
+@functools.lru_cache(maxsize=8192)
 def parse_ip_literal(text: str) -> IPAddress | None:
     """Return the address a host string denotes, or None if it is a name.
 
@@ -105,6 +109,7 @@ _PLAIN_NAME = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=8192)
 def normalize_host(raw: str) -> str:
     """Return the one spelling of a host: lower-case A-labels, no trailing dot, IPs canonical.
 

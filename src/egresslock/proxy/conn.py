@@ -80,9 +80,7 @@ class Conn:
         """Up to ``limit`` bytes: buffered ones first; b"" at end of stream."""
         if not self.buf and not await self.fill():
             return b""
-        data = bytes(self.buf[:limit])
-        del self.buf[:limit]
-        return data
+        return self.take(limit)
 
     async def send(self, data: bytes) -> None:
         view = memoryview(data)
@@ -93,6 +91,12 @@ class Conn:
                 await wait_fd(self.loop, self.sock.fileno(), writable=True)
                 continue
             view = view[sent:]
+
+    def take(self, limit: int) -> bytes:
+        """Up to ``limit`` buffered bytes, without waiting."""
+        data = bytes(self.buf[:limit])
+        del self.buf[:limit]
+        return data
 
     def take_buffer(self) -> bytes:
         data = bytes(self.buf)

@@ -409,8 +409,11 @@ async def _relay_response(ctx: ProxyContext, upstream: Conn, client: _Out, frami
     if framing.kind == "length":
         remaining = framing.length
         while remaining:
-            async with asyncio.timeout(timeout):
-                data = await upstream.read_some(min(remaining, _BODY_CHUNK))
+            if upstream.buf:  # already read with the head: no wait, so no timer either
+                data = upstream.take(min(remaining, _BODY_CHUNK))
+            else:
+                async with asyncio.timeout(timeout):
+                    data = await upstream.read_some(min(remaining, _BODY_CHUNK))
             if not data:
                 return False
             remaining -= len(data)
