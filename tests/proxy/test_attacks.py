@@ -195,3 +195,17 @@ def test_non_tls_bytes_on_https_port_are_refused(proxy_factory) -> None:  # type
         assert any("non-TLS bytes on HTTPS port 443" in str(r["reason"]) for r in p.rows(1))
     finally:
         rec.close()
+
+
+def test_pipelined_requests_are_answered_in_order(proxy: RunningProxy,
+                                                  upstreams: Upstreams) -> None:
+    p = upstreams.http.port
+    one = b"GET http://app.test:%d/echo/first HTTP/1.1\r\nHost: app.test:%d\r\n\r\n" % (p, p)
+    denied = b"GET http://evil.test/ HTTP/1.1\r\nHost: evil.test\r\n\r\n"
+    two = (b"GET http://app.test:%d/echo/second HTTP/1.1\r\nHost: app.test:%d\r\n"
+           b"Connection: close\r\n\r\n" % (p, p))
+    resp = raw(proxy, one + denied + two)
+    assert resp.count(b"HTTP/1.1 ") == 3, resp
+    first, second = resp.find(b"/echo/first"), resp.find(b"/echo/second")
+    deny = resp.find(b"HTTP/1.1 403")
+    assert 0 < first < deny < second
