@@ -19,7 +19,12 @@ nothing competes with the proxies inside one interpreter. Measured, for each tar
 2. one CONNECT tunnel moving 1 GiB upstream → client: MB/s, and the proxy's CPU-seconds per GiB
    (utime+stime from /proc of the proxy and all its descendants, before and after);
 3. new-tunnel latency over sequential tunnels: connect, CONNECT, ``200``, one echo round trip;
-   minus the same without a proxy (connect, echo) gives the latency a proxy adds.
+   minus the same without a proxy (connect, echo) gives the latency a proxy adds;
+4. small keep-alive GETs over HTTPS (an nginx ``ssl`` server with a certificate from a test CA
+   made here), through an uninspected CONNECT tunnel, and with the TLS intercepted (egresslock with
+   an ``inspect: true`` rule, and a third mitmdump that intercepts): requests/s, p50/p99 latency
+   and the proxy's CPU time per request. The client is this file re-run (``_https``): one uvloop
+   process with many connections, each CONNECT, ``200``, TLS, then GETs until the time is up.
 
 A tool that is not installed gets "not installed" in its column instead of numbers. Every loop
 is bounded in count and in time; every process this file starts is stopped by its pid.
@@ -55,6 +60,10 @@ HTTP_BODY = b"egresslock bench: small keep-alive response body, 64 bytes long.\n
 SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 
 TARGET_NAMES = ("direct", "egresslock", "squid", "tinyproxy", "mitmproxy")
+# HTTPS: the upstream certificate names both; egresslock's policy has a host-only rule for the
+# first (an opaque tunnel) and an `inspect: true` rule for the second.
+TLS_TUNNEL_HOST = "tunnel.bench.test"
+TLS_INSPECT_HOST = "inspect.bench.test"
 TITLES = {"direct": "direct (no proxy)", "egresslock": "egresslock", "squid": "Squid",
           "tinyproxy": "tinyproxy", "mitmproxy": "mitmproxy (mitmdump)"}
 
@@ -125,9 +134,10 @@ def _http_protocol_factory() -> Any:
     return HttpProto
 
 
-def upstream_main(http: bool) -> None:
-    """Serve the tunnel source/echo (and, without nginx, HTTP) until stdin closes or SIGTERM."""
+def upstream_main(http: bool, tls_cert: str | None = None, tls_key: str | None = None) -> None:
+    """Serve the tunnel source/echo (and, without nginx, HTTP and HTTPS) until stdin closes."""
     import asyncio
+    import ssl
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -139,6 +149,12 @@ def upstream_main(http: bool) -> None:
         if http:
             hs = await loop.create_server(_http_protocol_factory(), LOOPBACK, 0, backlog=1024)
             ports["http"] = hs.sockets[0].getsockname()[1]
+        if http and tls_cert and tls_key:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(tls_cert, tls_key)
+            ts = await loop.create_server(_http_protocol_factory(), LOOPBACK, 0, ssl=ctx,
+                                          backlog=1024)
+            ports["https"] = ts.sockets[0].getsockname()[1]
         with contextlib.suppress(OSError, ValueError):
             if stat.S_ISFIFO(os.fstat(sys.stdin.fileno()).st_mode):
                 loop.add_reader(sys.stdin.fileno(), stop.set)  # the bench closing the pipe ends us
@@ -235,6 +251,172 @@ def latency_main(proxy: tuple[str, int] | None, target: tuple[str, int], count: 
         if i >= warmup:
             samples.append((t1 - t0) / 1000.0)
     print(json.dumps({"samples_us": samples}), flush=True)
+
+
+def make_test_ca(directory: Path, hosts: list[str]) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a leaf for ``hosts`` (and 127.0.0.1): (ca.pem, leaf.pem, leaf.key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    start, end = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=1)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "egresslock bench test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(start).not_valid_after(end)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                         critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = [x509.DNSName(h) for h in hosts]
+    sans.append(x509.IPAddress(ipaddress.ip_address(LOOPBACK)))
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_path, leaf_path = directory / "ca.pem", directory / "leaf.pem"
+    key_path = directory / "leaf.key"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    leaf_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return ca_path, leaf_path, key_path
+
+
+def https_main(proxy: tuple[str, int] | None, target: tuple[str, int], sni: str, cafile: str,
+               connections: int, warmup: float, duration: float, timeout: float) -> None:
+    """Keep-alive GETs over HTTPS on ``connections`` connections (through ``proxy`` by CONNECT).
+
+    Prints ``START`` when the measured window opens and ``STOP`` when it closes (the parent reads
+    the proxy's CPU time at each), then one JSON line: responses completed in the window, and the
+    latency of each.
+    """
+    import asyncio
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=cafile)
+    ctx.set_alpn_protocols(["http/1.1"])
+    request = (f"GET / HTTP/1.1\r\nHost: {sni}:{target[1]}\r\nUser-Agent: egresslock-bench\r\n"
+               "Accept: */*\r\n\r\n").encode("ascii")
+    state = {"measuring": False, "stop": False}
+    samples: list[int] = []
+    errors: dict[str, int] = {}
+    first_error: list[str] = []
+
+    def note(kind: str, exc: BaseException | str) -> None:
+        errors[kind] = errors.get(kind, 0) + 1
+        if not first_error:
+            first_error.append(f"{kind}: {exc}"[:300])
+
+    async def open_one() -> tuple[Any, Any]:
+        reader, writer = await asyncio.open_connection(*(proxy or target))
+        with contextlib.suppress(OSError):
+            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if proxy is not None:
+            authority = f"{target[0]}:{target[1]}"
+            writer.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            if b" 200" not in head.split(b"\r\n", 1)[0]:
+                writer.close()
+                raise ConnectionError(f"CONNECT refused: {head[:300]!r}")
+        await writer.start_tls(ctx, server_hostname=sni)
+        return reader, writer
+
+    async def worker(reader: Any, writer: Any) -> None:
+        buf = b""
+        while not state["stop"]:
+            t0 = time.perf_counter_ns()
+            writer.write(request)
+            while True:  # one response: head, then Content-Length bytes of body
+                end = buf.find(b"\r\n\r\n")
+                if end >= 0:
+                    head = buf[:end]
+                    cl = 0
+                    for line in head.split(b"\r\n")[1:]:
+                        name, _, value = line.partition(b":")
+                        if name.strip().lower() == b"content-length":
+                            cl = int(value)
+                    if len(buf) >= end + 4 + cl:
+                        buf = buf[end + 4 + cl:]
+                        break
+                data = await reader.read(65536)
+                if not data:
+                    raise ConnectionError("connection closed before the response ended")
+                buf += data
+            t1 = time.perf_counter_ns()
+            if not head.startswith(b"HTTP/1.1 200"):
+                note("status", head.split(b"\r\n", 1)[0].decode("latin-1"))
+                if len(errors) > 1000:
+                    return
+                continue
+            if state["measuring"]:
+                samples.append(t1 - t0)
+
+    async def main() -> None:
+        opened = await asyncio.wait_for(
+            asyncio.gather(*(open_one() for _ in range(connections)), return_exceptions=True),
+            timeout)
+        conns = [c for c in opened if not isinstance(c, BaseException)]
+        for c in opened:
+            if isinstance(c, BaseException):
+                note("connect", f"{type(c).__name__}: {c}")
+        tasks = [asyncio.ensure_future(worker(r, w)) for r, w in conns]
+        if tasks:
+            await asyncio.sleep(warmup)
+            print("START", flush=True)
+            t_start = time.perf_counter()
+            state["measuring"] = True
+            await asyncio.sleep(duration)
+            state["measuring"] = False
+            elapsed = time.perf_counter() - t_start
+            print("STOP", flush=True)
+            state["stop"] = True
+            done, pending = await asyncio.wait(tasks, timeout=10)
+            for task in pending:
+                task.cancel()
+                note("timeout", "no response within 10 s of the end")
+            for task in done:
+                exc = task.exception()
+                if exc is not None:
+                    note("read", f"{type(exc).__name__}: {exc}")
+        else:
+            print("START", flush=True)
+            print("STOP", flush=True)
+            elapsed = 0.0
+        for _, w in conns:
+            w.close()
+        samples.sort()
+        print(json.dumps({
+            "connections": len(conns), "requests": len(samples), "seconds": elapsed,
+            "rps": len(samples) / elapsed if elapsed else 0.0,
+            "p50_us": _pct(samples, 50) / 1000 if samples else None,
+            "p99_us": _pct(samples, 99) / 1000 if samples else None,
+            "errors": sum(errors.values()), "error_kinds": errors,
+            "first_error": first_error[0] if first_error else None}), flush=True)
+
+    _run_loop(main())
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,6 +555,19 @@ class Target:
     missing: str | None = None         # "not installed" / "failed to start: ..."
     version: str = ""
     notes: list[str] = field(default_factory=list)
+    tls_tunnel: TlsRoute | None = None   # HTTPS through an uninspected tunnel (direct: no proxy)
+    tls_inspect: TlsRoute | None = None  # HTTPS with the proxy intercepting the TLS
+
+
+@dataclass
+class TlsRoute:
+    """How the HTTPS client reaches the upstream through one proxy instance."""
+
+    port: int | None     # proxy port; None = straight to the upstream
+    pid: int | None      # the process whose CPU counts
+    connect_host: str    # CONNECT host (a name pinned with --resolve, or the IP literal)
+    sni: str             # TLS server name and Host header
+    cafile: Path         # what the client trusts: the test CA, or the proxy's CA
 
 
 class Bench:
@@ -385,6 +580,8 @@ class Bench:
         self.procs: list[subprocess.Popen[Any]] = []
         self.upstream_http = 0
         self.upstream_tunnel = 0
+        self.upstream_tls = 0                 # HTTPS upstream port (0: no HTTPS tests)
+        self.test_ca: Path | None = None      # the CA that signed the HTTPS upstream's cert
         self.http_server = ""
         self.wrk = find_tool("wrk")
         self.results: dict[str, dict[str, Any]] = {n: {} for n in TARGET_NAMES}
@@ -428,8 +625,15 @@ class Bench:
     def start_upstream(self) -> None:
         nginx = find_tool("nginx")
         use_nginx = nginx is not None and not self.args.python_upstream
+        tls_args: list[str] = []
+        leaf = key = None
+        if self.args.https:
+            self.test_ca, leaf, key = make_test_ca(self.tmp / "test-ca",
+                                                   [TLS_TUNNEL_HOST, TLS_INSPECT_HOST])
+            if not use_nginx:
+                tls_args = ["--tls-cert", str(leaf), "--tls-key", str(key)]
         proc = self.spawn([sys.executable, str(Path(__file__).resolve()), "_upstream",
-                           *([] if use_nginx else ["--http"])], "upstream",
+                           *([] if use_nginx else ["--http", *tls_args])], "upstream",
                           stdout=subprocess.PIPE, stdin=subprocess.PIPE)
         ports = json.loads(read_line(proc, 20))
         self.upstream_tunnel = ports["tunnel"]
@@ -439,6 +643,18 @@ class Bench:
             d = self.tmp / "nginx"
             d.mkdir()
             body = HTTP_BODY.decode("ascii").replace('"', "'").strip()
+            ssl_server = ""
+            if self.args.https:
+                self.upstream_tls = free_port()
+                ssl_server = f"""
+    server {{
+        listen {LOOPBACK}:{self.upstream_tls} ssl backlog=1024;
+        server_name {TLS_TUNNEL_HOST} {TLS_INSPECT_HOST};
+        ssl_certificate {leaf};
+        ssl_certificate_key {key};
+        ssl_session_cache shared:bench:1m;
+        location / {{ default_type text/plain; return 200 "{body}\\n"; }}
+    }}"""
             (d / "nginx.conf").write_text(f"""
 daemon off;
 master_process off;
@@ -458,23 +674,29 @@ http {{
     server {{
         listen {LOOPBACK}:{self.upstream_http} backlog=1024;
         location / {{ default_type text/plain; return 200 "{body}\\n"; }}
-    }}
+    }}{ssl_server}
 }}
 """)
             ng = self.spawn([nginx, "-p", str(d), "-e", str(d / "error.log"), "-c",
                              str(d / "nginx.conf")], "nginx")
             wait_port(self.upstream_http, ng)
+            if self.upstream_tls:
+                wait_port(self.upstream_tls, ng)
             self.http_server = tool_version([nginx, "-v"])
         else:
             self.upstream_http = ports["http"]
+            self.upstream_tls = ports.get("https", 0)
             self.http_server = "Python asyncio server (nginx not installed)"
         self.log(f"upstream: HTTP {self.upstream_http} ({self.http_server}), "
-                 f"tunnel source/echo {self.upstream_tunnel}")
+                 f"HTTPS {self.upstream_tls or 'off'}, tunnel source/echo {self.upstream_tunnel}")
 
     # ---- proxies -----------------------------------------------------------------------------
 
     def start_all(self) -> None:
         self.targets["direct"] = Target("direct", version=self.http_server)
+        if self.upstream_tls and self.test_ca:
+            self.targets["direct"].tls_tunnel = TlsRoute(None, None, LOOPBACK, TLS_TUNNEL_HOST,
+                                                         self.test_ca)
         for name, start in (("egresslock", self.start_egresslock), ("squid", self.start_squid),
                             ("tinyproxy", self.start_tinyproxy),
                             ("mitmproxy", self.start_mitmproxy)):
@@ -507,8 +729,58 @@ rules:
             raise RuntimeError(f"unexpected first line {line!r}")
         port = int(line.rsplit(":", 1)[1])
         version = tool_version([*argv, "--version"])
-        return Target("egresslock", port, port, [proc], proc.pid, proc.pid, version=version,
-                      notes=["audit log on (SQLite, one row per request/tunnel)"])
+        t = Target("egresslock", port, port, [proc], proc.pid, proc.pid, version=version,
+                   notes=["audit log on (SQLite, one row per request/tunnel)"])
+        if self.upstream_tls and self.test_ca:
+            try:
+                self.start_egresslock_tls(argv, t)
+            except Exception as exc:  # the HTTPS rows say so; the rest still runs
+                self.log(f"egresslock (HTTPS instance) failed to start: {exc}")
+                self.results["egresslock"]["https_tunnel_error"] = f"failed to start: {exc}"
+                self.results["egresslock"]["https_inspect_error"] = f"failed to start: {exc}"
+        return t
+
+    def start_egresslock_tls(self, argv: list[str], t: Target) -> None:
+        """A second egresslock for HTTPS, with its own CA: one host-only and one inspected rule.
+
+        Its own process, so the HTTP and tunnel numbers above come from the same one-rule policy
+        as before, and its CPU time is only the HTTPS work.
+        """
+        assert self.test_ca is not None
+        d = self.tmp / "egresslock-tls"
+        d.mkdir()
+        ca_dir = d / "ca"
+        out = subprocess.run([*argv, "ca", "init", "--dir", str(ca_dir)], capture_output=True,
+                             text=True, timeout=60, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"ca init: {_one_line(out.stderr or out.stdout)}")
+        port = self.upstream_tls
+        (d / "policy.yaml").write_text(f"""version: 1
+network: {{allow_ranges: ["{LOOPBACK}/32"]}}
+rules:
+  - {{id: tls-tunnel, host: {TLS_TUNNEL_HOST}, ports: [{port}]}}
+  - {{id: tls-inspect, host: {TLS_INSPECT_HOST}, ports: [{port}], methods: [GET],
+     paths: ["/**"], inspect: true}}
+""")
+        env = {**os.environ, "EGRESSLOCK_CA_DIR": str(ca_dir)}
+        proc = self.spawn([*argv, "proxy", "-p", str(d / "policy.yaml"), "--listen",
+                           f"{LOOPBACK}:0", "--audit", str(d / "audit.db"),
+                           "--resolve", f"{TLS_TUNNEL_HOST}:{LOOPBACK}",
+                           "--resolve", f"{TLS_INSPECT_HOST}:{LOOPBACK}",
+                           "--upstream-ca", str(self.test_ca)],
+                          "egresslock-tls", stdout=subprocess.PIPE, env=env)
+        line = read_line(proc, 30)
+        if not line.startswith("listening on "):
+            raise RuntimeError(f"unexpected first line {line!r}")
+        tls_port = int(line.rsplit(":", 1)[1])
+        t.procs.append(proc)
+        t.tls_tunnel = TlsRoute(tls_port, proc.pid, TLS_TUNNEL_HOST, TLS_TUNNEL_HOST,
+                                self.test_ca)
+        t.tls_inspect = TlsRoute(tls_port, proc.pid, TLS_INSPECT_HOST, TLS_INSPECT_HOST,
+                                 ca_dir / "ca.pem")
+        t.notes.append("HTTPS: a second instance (audit log on, names pinned with --resolve), "
+                       f"rule `{TLS_TUNNEL_HOST}` host-only, rule `{TLS_INSPECT_HOST}` "
+                       "`inspect: true` with methods [GET], paths [\"/**\"]")
 
     def start_squid(self) -> Target:
         squid = find_tool("squid")
@@ -518,6 +790,7 @@ rules:
         d.mkdir()
         port = free_port()
         h, t = self.upstream_http, self.upstream_tunnel
+        tls = f" {self.upstream_tls}" if self.upstream_tls else ""
         (d / "squid.conf").write_text(f"""
 http_port {LOOPBACK}:{port}
 visible_hostname egresslock-bench
@@ -535,8 +808,8 @@ cache_mem 8 MB
 # Allowlist: only the bench upstream (an IP literal, so `dst`; a name would be `dstdomain`),
 # only its two ports, CONNECT only to the tunnel port.
 acl bench_dst dst {LOOPBACK}/32
-acl bench_ports port {h} {t}
-acl tunnel_port port {t}
+acl bench_ports port {h} {t}{tls}
+acl tunnel_port port {t}{tls}
 acl CONNECT method CONNECT
 http_access deny CONNECT !tunnel_port
 http_access allow bench_dst bench_ports
@@ -552,7 +825,14 @@ http_access deny all
         wait_port(port, proc, 30, self.tmp / "squid.log")
         return Target("squid", port, port, [proc], proc.pid, proc.pid,
                       version=tool_version([squid, "-v"]),
-                      notes=["no cache (cache deny all), access log on"])
+                      notes=["no cache (cache deny all), access log on"],
+                      tls_tunnel=self._ip_route(port, proc.pid))
+
+    def _ip_route(self, port: int, pid: int) -> TlsRoute | None:
+        """HTTPS through a plain CONNECT tunnel to the upstream's IP literal."""
+        if not (self.upstream_tls and self.test_ca):
+            return None
+        return TlsRoute(port, pid, LOOPBACK, TLS_TUNNEL_HOST, self.test_ca)
 
     def start_tinyproxy(self) -> Target:
         tp = find_tool("tinyproxy")
@@ -579,6 +859,7 @@ PidFile "{d}/tinyproxy.pid"
 MaxClients 1024
 Allow {LOOPBACK}
 ConnectPort {self.upstream_tunnel}
+{f"ConnectPort {self.upstream_tls}" if self.upstream_tls else ""}
 Filter "{d}/filter"
 FilterType ere
 FilterDefaultDeny Yes
@@ -588,7 +869,8 @@ DisableViaHeader Yes
         wait_port(port, proc, 30, self.tmp / "tinyproxy.log")
         return Target("tinyproxy", port, port, [proc], proc.pid, proc.pid,
                       version=tool_version([tp, "-v"]),
-                      notes=["filter allowlist on, connection log on"])
+                      notes=["filter allowlist on, connection log on"],
+                      tls_tunnel=self._ip_route(port, proc.pid))
 
     def start_mitmproxy(self) -> Target:
         md = find_tool("mitmdump", HERE / ".venv-mitm" / "bin" / "mitmdump")
@@ -608,12 +890,40 @@ DisableViaHeader Yes
         p2 = self.spawn([md, *common, "--set", f"confdir={d / 'tunnel'}",
                          "--listen-port", str(tun_port), "--ignore-hosts", ".*"],
                         "mitmdump-tunnel")
+        p3 = None
+        if self.upstream_tls and self.test_ca:
+            # A third one intercepts HTTPS: its CA (made in its confdir) is what the client
+            # trusts, and it verifies the upstream against the bench's test CA.
+            (d / "inspect").mkdir()
+            inspect_port = free_port()
+            p3 = self.spawn([md, *common, "--set", f"confdir={d / 'inspect'}",
+                             "--set", f"ssl_verify_upstream_trusted_ca={self.test_ca}",
+                             "--listen-port", str(inspect_port)], "mitmdump-inspect")
         wait_port(http_port, p1, 60, self.tmp / "mitmdump-http.log")
         wait_port(tun_port, p2, 60, self.tmp / "mitmdump-tunnel.log")
-        return Target("mitmproxy", http_port, tun_port, [p1, p2], p1.pid, p2.pid,
-                      version=tool_version([md, "--version"]),
-                      notes=["tunnels through a second mitmdump with --ignore-hosts '.*' "
-                             "(passthrough, no interception)"])
+        t = Target("mitmproxy", http_port, tun_port, [p1, p2], p1.pid, p2.pid,
+                   version=tool_version([md, "--version"]),
+                   notes=["tunnels through a second mitmdump with --ignore-hosts '.*' "
+                          "(passthrough, no interception)"],
+                   tls_tunnel=self._ip_route(tun_port, p2.pid))
+        if p3 is not None:
+            t.procs.append(p3)
+            try:
+                wait_port(inspect_port, p3, 60, self.tmp / "mitmdump-inspect.log")
+                ca = d / "inspect" / "mitmproxy-ca-cert.pem"
+                deadline = time.monotonic() + 10
+                while not ca.exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if not ca.exists():
+                    raise RuntimeError(f"{ca.name} not created")
+                t.tls_inspect = TlsRoute(inspect_port, p3.pid, LOOPBACK, TLS_INSPECT_HOST, ca)
+                t.notes.append("HTTPS interception: a third mitmdump (own confdir; client trusts "
+                               "its mitmproxy-ca-cert.pem; ssl_verify_upstream_trusted_ca = the "
+                               "bench's test CA)")
+            except Exception as exc:  # the inspected row says so; the rest still runs
+                self.log(f"mitmproxy (intercepting instance) failed to start: {exc}")
+                self.results["mitmproxy"]["https_inspect_error"] = f"failed to start: {exc}"
+        return t
 
     # ---- measurements ------------------------------------------------------------------------
 
@@ -712,15 +1022,70 @@ end
         self.log(f"{t.name}: new tunnel p50 {res['latency']['p50_us']:.0f} µs, "
                  f"p99 {res['latency']['p99_us']:.0f} µs ({len(s)} tunnels)")
 
+    def measure_https(self, t: Target, phase: str) -> None:
+        """Keep-alive GETs over HTTPS by the ``_https`` client; the proxy's CPU in its window."""
+        route = t.tls_tunnel if phase == "https_tunnel" else t.tls_inspect
+        if route is None:
+            return
+        seconds = self.args.duration
+        argv = [sys.executable, str(Path(__file__).resolve()), "_https",
+                "--target", f"{route.connect_host}:{self.upstream_tls}", "--sni", route.sni,
+                "--cafile", str(route.cafile), "--connections", str(self.args.https_connections),
+                "--warmup-s", "1", "--duration", f"{seconds:g}", "--timeout", "30"]
+        if route.port is not None:
+            argv += ["--proxy", f"{LOOPBACK}:{route.port}"]
+        errlog = open(self.tmp / f"https-{t.name}-{phase}.log", "ab")  # noqa: SIM115
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=errlog)
+        self.procs.append(proc)
+        lines = _Lines(proc)
+        cpu0 = cpu1 = 0.0
+        try:
+            if lines.next(60) != "START":
+                raise RuntimeError("client did not start")
+            cpu0 = tree_cpu_seconds(route.pid) if route.pid else 0.0
+            if lines.next(seconds + 30) != "STOP":
+                raise RuntimeError("client did not stop")
+            cpu1 = tree_cpu_seconds(route.pid) if route.pid else 0.0
+            r: dict[str, Any] = json.loads(lines.next(40))
+            proc.wait(10)
+        except Exception as exc:
+            stop_process(proc)
+            errlog.close()
+            tail = (self.tmp / f"https-{t.name}-{phase}.log").read_text(
+                errors="replace").strip().splitlines()[-1:]
+            raise RuntimeError(f"{exc}{': ' + tail[0] if tail else ''}") from exc
+        errlog.close()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if not r["requests"]:
+            raise RuntimeError(f"no response: {r.get('first_error') or 'no connection'}")
+        if route.pid:
+            r["cpu_us_per_req"] = (cpu1 - cpu0) / r["requests"] * 1e6
+        self.results[t.name][phase] = r
+        what = "HTTPS tunnel" if phase == "https_tunnel" else "HTTPS inspected"
+        self.log(f"{t.name}: {what} {r['rps']:.0f} req/s, p50 {r['p50_us'] / 1000:.2f} ms, "
+                 f"p99 {r['p99_us'] / 1000:.2f} ms, errors {r['errors']}"
+                 + (f" (first: {r['first_error']})" if r["first_error"] else "")
+                 + (f", {r['cpu_us_per_req']:.0f} µs CPU/req" if route.pid else ""))
+
+    def measure_https_tunnel(self, t: Target) -> None:
+        self.measure_https(t, "https_tunnel")
+
+    def measure_https_inspect(self, t: Target) -> None:
+        self.measure_https(t, "https_inspect")
+
     def run(self) -> None:
         self.start_upstream()
         self.start_all()
         phases = (("http", self.measure_http), ("tunnel", self.measure_throughput),
-                  ("latency", self.measure_latency))
+                  ("latency", self.measure_latency),
+                  ("https_tunnel", self.measure_https_tunnel),
+                  ("https_inspect", self.measure_https_inspect))
         for phase, fn in phases:
             for name in TARGET_NAMES:
                 t = self.targets[name]
-                if t.missing:
+                if t.missing or f"{phase}_error" in self.results[name]:
                     continue
                 try:
                     fn(t)
@@ -733,6 +1098,31 @@ end
             if direct and lat and name != "direct":
                 lat["added_p50_us"] = lat["p50_us"] - direct["p50_us"]
                 lat["added_p99_us"] = lat["p99_us"] - direct["p99_us"]
+
+
+class _Lines:
+    """stdout lines of a child, each awaited with a timeout (no line is lost between calls)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        self.proc = proc
+        self.fd = proc.stdout.fileno()
+        self.buf = b""
+
+    def next(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.fd, selectors.EVENT_READ)
+            while b"\n" not in self.buf:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    raise RuntimeError(f"no output within {timeout:g}s")
+                data = os.read(self.fd, 65536)
+                if not data:
+                    raise RuntimeError(f"client exited ({self.proc.wait(5)})")
+                self.buf += data
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.decode("utf-8", "replace").strip()
 
 
 def _time_wait() -> int:
@@ -805,7 +1195,11 @@ def build_table(bench: Bench) -> tuple[str, dict[str, str]]:
             return "—"
         v = _get(res[name], phase, *keys)
         if v is None:
-            err = res[name].get(f"{phase}_error") or res[name].get("http_error")
+            err = res[name].get(f"{phase}_error") or (
+                None if phase.startswith("https") else res[name].get("http_error"))
+            if err is None and phase == "https_inspect" and name != "direct" \
+                    and t is not None and t.tls_inspect is None and keys == ("rps",):
+                return "no interception set up"
             return f"error: {_one_line(err)}" if err else "—"
         text = fmt.format(v * scale)
         if phase == "http" and keys == ("rps",) and _get(res[name], "http", "errors"):
@@ -813,6 +1207,10 @@ def build_table(bench: Bench) -> tuple[str, dict[str, str]]:
             kinds = ", ".join(f"{h[k]} {k}" for k in ("connect", "read", "write", "status",
                                                         "timeout") if h.get(k))
             text += f" (errors: {kinds})"
+        if phase.startswith("https") and keys == ("rps",) and _get(res[name], phase, "errors"):
+            h = res[name][phase]
+            kinds = ", ".join(f"{n} {k}" for k, n in h["error_kinds"].items())
+            text += f" (errors: {kinds}; first: {_one_line(h['first_error'] or '')[:60]})"
         return text
 
     def val(name: str, phase: str, *keys: str) -> float | None:
@@ -826,7 +1224,7 @@ def build_table(bench: Bench) -> tuple[str, dict[str, str]]:
     el = bench.targets.get("egresslock")
     if el is not None and el.missing:
         na = f"n/a (egresslock {el.missing})"
-        return _render(bench, names, cell, {"rps": na, "cpu": na, "lat": na})
+        return _render(bench, names, cell, {"rps": na, "cpu": na, "lat": na, "tls": na})
     el_rps, sq_rps, mi_rps = (val(n, "http", "rps") for n in ("egresslock", "squid", "mitmproxy"))
     if el_rps is None:
         verdicts["rps"] = "MISS (egresslock not measured)"
@@ -858,6 +1256,16 @@ def build_table(bench: Bench) -> tuple[str, dict[str, str]]:
         verdicts["lat"] = "MISS (not measured)"
     else:
         verdicts["lat"] = ("PASS" if el_add < 250 else "MISS") + f" ({el_add:.0f} µs)"
+    el_tls, mi_tls = (val(n, "https_inspect", "rps") for n in ("egresslock", "mitmproxy"))
+    if not bench.args.https:
+        verdicts["tls"] = "n/a (--no-https)"
+    elif el_tls is None:
+        verdicts["tls"] = "MISS (egresslock not measured)"
+    elif not mi_tls:
+        verdicts["tls"] = "n/a (mitmproxy not measured)"
+    else:
+        verdicts["tls"] = ("PASS" if el_tls >= 3 * mi_tls else "MISS") + \
+            f" ({el_tls / mi_tls:.1f}× mitmproxy)"
 
     return _render(bench, names, cell, verdicts)
 
@@ -891,6 +1299,32 @@ def _render(bench: Bench, names: list[str], cell: Any, verdicts: dict[str, str]
         ("added new-tunnel latency p99, µs (vs direct)",
          [cell(n, "latency", "added_p99_us", proxy_only=True) for n in names], "", ""),
     ]
+    if a.https:
+        c = a.https_connections
+        rows += [
+            (f"HTTPS keep-alive GET via CONNECT tunnel, not inspected, req/s (c{c}, "
+             f"{a.duration:g}s)", [cell(n, "https_tunnel", "rps") for n in names], "", ""),
+            ("HTTPS tunnel latency p50, ms", [cell(n, "https_tunnel", "p50_us", fmt="{:.2f}",
+                                                   scale=1e-3) for n in names], "", ""),
+            ("HTTPS tunnel latency p99, ms", [cell(n, "https_tunnel", "p99_us", fmt="{:.2f}",
+                                                   scale=1e-3) for n in names], "", ""),
+            ("proxy CPU per HTTPS request (tunnel), µs",
+             [cell(n, "https_tunnel", "cpu_us_per_req", fmt="{:.1f}", proxy_only=True)
+              for n in names], "", ""),
+            (f"HTTPS keep-alive GET, TLS intercepted (inspected), req/s (c{c}, "
+             f"{a.duration:g}s)", [cell(n, "https_inspect", "rps", proxy_only=True)
+                                   for n in names],
+             "egresslock ≥ 3× mitmproxy", verdicts["tls"]),
+            ("HTTPS inspected latency p50, ms",
+             [cell(n, "https_inspect", "p50_us", fmt="{:.2f}", scale=1e-3, proxy_only=True)
+              for n in names], "", ""),
+            ("HTTPS inspected latency p99, ms",
+             [cell(n, "https_inspect", "p99_us", fmt="{:.2f}", scale=1e-3, proxy_only=True)
+              for n in names], "", ""),
+            ("proxy CPU per HTTPS request (inspected), µs",
+             [cell(n, "https_inspect", "cpu_us_per_req", fmt="{:.1f}", proxy_only=True)
+              for n in names], "", ""),
+        ]
     header = ["metric", *(TITLES[n] for n in names), "target", "PASS/MISS"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join([m, *cells, tgt, v]) + " |" for m, cells, tgt, v in rows]
@@ -910,6 +1344,14 @@ def _render(bench: Bench, names: list[str], cell: Any, verdicts: dict[str, str]
     notes.append(f"- upstream: HTTP {bench.http_server}, {len(HTTP_BODY)}-byte body; tunnels to a "
                  "Python (uvloop) source/echo server; load: wrk (absolute-form requests through "
                  "the proxies) and separate Python client processes")
+    if a.https and bench.upstream_tls:
+        notes.append("- HTTPS: the same upstream over TLS (certificate from a test CA made by the "
+                     "bench, names "
+                     f"{TLS_TUNNEL_HOST} and {TLS_INSPECT_HOST}); load: one Python (uvloop) "
+                     f"client process, {a.https_connections} connections, each CONNECT + TLS "
+                     "then keep-alive GETs, 1 s warm-up; the direct column is bound by that "
+                     "client's CPU. egresslock CONNECTs by name (pinned with --resolve), the "
+                     "others by the IP literal with the same SNI")
     notes.append(f"- machine: {os.cpu_count()} CPUs, {platform.platform()}, "
                  f"Python {platform.python_version()}; load average before/after the run: "
                  f"{bench.load_before} / {_loadavg()} (other work on the machine skews results)")
@@ -933,7 +1375,7 @@ def _addr(value: str) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("_upstream", "_throughput", "_latency"):
+    if argv and argv[0] in ("_upstream", "_throughput", "_latency", "_https"):
         return internal_main(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -952,6 +1394,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python-upstream", action="store_true",
                    help="serve HTTP from the Python upstream even if nginx is installed")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
+    p.add_argument("--https-connections", type=int, default=32,
+                   help="connections of the HTTPS client (default 32)")
+    p.add_argument("--no-https", dest="https", action="store_false",
+                   help="skip the HTTPS rows (tunnelled and inspected)")
     args = p.parse_args(argv)
     args.duration = args.duration or (2.0 if args.quick else 10.0)
     args.tunnel_mib = args.tunnel_mib or (128 if args.quick else 1024)
@@ -960,6 +1406,7 @@ def main(argv: list[str] | None = None) -> int:
     args.duration = float(min(max(round(args.duration), 1), 120))
     args.tunnel_mib = min(max(args.tunnel_mib, 1), 16 * 1024)
     args.tunnels = min(max(args.tunnels, 1), 20000)
+    args.https_connections = min(max(args.https_connections, 1), 256)
 
     def on_term(signum: int, _frame: Any) -> None:
         raise SystemExit(128 + signum)
@@ -978,7 +1425,8 @@ def main(argv: list[str] | None = None) -> int:
                            for n, t in bench.targets.items()},
                "settings": {"quick": args.quick, "duration_s": args.duration,
                             "connections": args.connections, "tunnel_mib": args.tunnel_mib,
-                            "tunnels": args.tunnels},
+                            "tunnels": args.tunnels, "https": args.https,
+                            "https_connections": args.https_connections},
                "seconds": time.monotonic() - t0}
         print(json.dumps(out, indent=2))
     else:
@@ -996,9 +1444,20 @@ def internal_main(argv: list[str]) -> int:
     p.add_argument("--count", type=int, default=500)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--sni")
+    p.add_argument("--cafile")
+    p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--warmup-s", type=float, default=1.0)
+    p.add_argument("--duration", type=float, default=10.0)
     a = p.parse_args(argv)
     if a.mode == "_upstream":
-        upstream_main(a.http)
+        upstream_main(a.http, a.tls_cert, a.tls_key)
+    elif a.mode == "_https":
+        https_main(a.proxy, a.target, a.sni, a.cafile, min(max(a.connections, 1), 512),
+                   min(max(a.warmup_s, 0.0), 30.0), min(max(a.duration, 0.5), 120.0),
+                   min(max(a.timeout, 1.0), 120.0))
     elif a.mode == "_throughput":
         throughput_main(a.proxy, a.target, a.bytes, a.timeout)
     else:
