@@ -83,6 +83,16 @@ class Exchange:
     cut_reason: str | None = None  # why an allowed exchange was cut short (a limit hit)
 
 
+def request_for(head: RequestHead, url: URL, framing: Framing,
+                addresses: tuple[IPAddress, ...]) -> Request:
+    """What the policy is asked about one HTTP request (plain, or inside an inspected tunnel)."""
+    body_size = framing.length if framing.kind == "length" else (
+        0 if framing.kind == "none" else None)  # chunked: counted as it streams
+    return Request(url.host, url.port, url.scheme, head.method, url.path, url.query,
+                   tuple(n.decode("latin-1").lower() for n, _ in head.headers), body_size,
+                   addresses, Layer.HTTP, upgrade_token(head))
+
+
 def upgrade_token(head: RequestHead) -> str | None:
     """The protocol an Upgrade request asks for (lower-case), or None for a plain request."""
     if not head.upgrade:
@@ -172,11 +182,7 @@ async def handle_request(ctx: ProxyContext, head: RequestHead, client: Conn,
     if url.scheme != "http":
         raise bad_request(f"absolute-form {url.scheme}:// is not forwarded; use CONNECT")
     check_host_header(head, url)
-    request = Request(url.host, url.port, "http", head.method, url.path, url.query,
-                      tuple(n.decode("latin-1").lower() for n, _ in head.headers),
-                      framing.length if framing.kind == "length" else (
-                          0 if framing.kind == "none" else None), (), Layer.HTTP,
-                      upgrade_token(head))
+    request = request_for(head, url, framing, ())
     decision, addresses = await resolve_and_decide(ctx, request, keep_alive)
     if (head.get(b"expect") or b"").lower() == b"100-continue" and framing.kind != "none":
         await client.send(b"HTTP/1.1 100 Continue\r\n\r\n")

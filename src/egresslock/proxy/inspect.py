@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from egresslock.audit import AuditRecord
 from egresslock.errors import InputError
-from egresslock.policy import Decision, Layer, Request, parse_url
+from egresslock.policy import Decision, parse_url
 from egresslock.policy.normalize import IPAddress, split_authority
 from egresslock.proxy.conn import Conn
 from egresslock.proxy.context import ProxyContext
@@ -25,7 +25,7 @@ from egresslock.proxy.forward import (
     audit_row,
     dial,
     exchange,
-    upgrade_token,
+    request_for,
     upstream_failed,
 )
 from egresslock.proxy.http1 import (
@@ -157,12 +157,7 @@ async def _one(ctx: ProxyContext, head: RequestHead, client: TLSConn, upstream: 
                   "(domain fronting)")
         raise Refused(deny_response("default", reason, not keep_alive), "deny", "default",
                       reason, keep_alive)
-    request = Request(host, port, "https", head.method, url.path, url.query,
-                      tuple(n.decode("latin-1").lower() for n, _ in head.headers),
-                      framing.length if framing.kind == "length" else (
-                          0 if framing.kind == "none" else None), addresses, Layer.HTTP,
-                      upgrade_token(head))
-    decision = ctx.decide(request)
+    decision = ctx.decide(request_for(head, url, framing, addresses))
     if not decision.allowed:
         raise Refused(deny_response(decision.rule_id, decision.reason, not keep_alive), "deny",
                       decision.rule_id, decision.reason, keep_alive)
