@@ -506,3 +506,19 @@ def test_probe_checks_pinned_addresses(policy: CompiledPolicy) -> None:
     unpinned = probe(policy, "http://app.test/")
     assert unpinned.decision.verdict is Verdict.ALLOW
     assert any("--resolve" in note for note in unpinned.notes)
+
+
+@pytest.mark.parametrize(("method", "path", "needle"), [
+    pytest.param(None, "/repos/acme/x", "constrains methods, and layer http gave none",
+                 id="missing-method-fails-closed"),
+    pytest.param("GET", None, "constrains paths, and layer http gave none",
+                 id="missing-path-fails-closed"),
+])
+def test_an_enforcement_point_that_leaves_out_method_or_path_gets_a_deny(
+        method: str | None, path: str | None, needle: str) -> None:
+    policy = compile_policy(parse_policy(
+        "version: 1\nrules:\n  - id: read\n    host: api.example.com\n    ports: [80]\n"
+        "    methods: [GET]\n    paths: ['/repos/acme/**']\n"))
+    d = decide(policy, Request("api.example.com", 80, method=method, path=path))
+    assert d.verdict is Verdict.DENY
+    assert needle in d.reason

@@ -197,6 +197,14 @@ def _deny_matches(rule: CompiledRule, request: Request) -> bool:
 
 def _refusal_stage(rule: CompiledRule, request: Request) -> tuple[int, str] | None:
     by = f"by rule {rule.id}"
+    # A rule that constrains methods or paths allows only what it could check: a request whose
+    # enforcement point left them out is refused, not waved through.
+    if rule.methods is not None and request.method is None:
+        return _STAGE_PORT, (f"rule {rule.id} constrains methods, and layer "
+                             f"{request.layer.value} gave none")
+    if rule.paths is not None and request.path is None:
+        return _STAGE_PORT, (f"rule {rule.id} constrains paths, and layer "
+                             f"{request.layer.value} gave none")
     if rule.methods is not None and request.method is not None and (
         request.method not in rule.methods
     ):
