@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 
 from egresslock.policy.compiled import CompiledPolicy
 from egresslock.policy.decide import Decision, Layer, Request, decide
-from egresslock.policy.normalize import URL, IPAddress, normalize_host, parse_url
+from egresslock.policy.normalize import (
+    URL,
+    IPAddress,
+    normalize_host,
+    parse_ip_literal,
+    parse_url,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +47,7 @@ def probe(
         ipaddress.ip_address(a) for a in pinned.get(url.host, ())
     )
     notes: list[str] = []
-    if not addresses and not _is_literal(url.host):
+    if not addresses and parse_ip_literal(url.host) is None:
         notes.append("no address checked: pass --resolve HOST:ADDR to check what it resolves to")
     full = Request(url.host, url.port, url.scheme, method, url.path, url.query, header_names,
                    body_size, addresses, Layer.HTTP)
@@ -55,10 +61,3 @@ def probe(
         return Probe(url, tunnel, Layer.CONNECT, notes)
     return Probe(url, decide(policy, full), Layer.HTTP, notes)
 
-
-def _is_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True

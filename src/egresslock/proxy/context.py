@@ -62,13 +62,14 @@ class PolicyHolder:
         return self.path is not None and self._stat() != self.mtime
 
     def reload(self) -> None:
-        """Load the file again; on any error raise PolicyError and keep the old policy."""
+        """Load the file again; on any error raise PolicyError and keep the old policy.
+
+        The file's mtime is taken first either way, so a bad file is reported once, not at
+        every poll of the watcher, and a later edit is seen."""
         if self.path is None:
             return
-        mtime = self._stat()
-        compiled = compile_policy(load_policy(self.path))
-        self.current = compiled
-        self.mtime = mtime
+        self.mtime = self._stat()
+        self.current = compile_policy(load_policy(self.path))
         self.loaded_at = time.time()
 
 
@@ -148,6 +149,5 @@ class ProxyContext:
         try:
             self.policy.reload()
         except PolicyError as exc:
-            self.policy.mtime = self.policy._stat()  # do not retry the same bad file each poll
             return str(exc)
         return None

@@ -11,6 +11,7 @@ is what is sent. Redirects are relayed to the client, never followed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -101,22 +102,42 @@ def upgrade_token(head: RequestHead) -> str | None:
     return value.decode("ascii", "replace") or "unknown"
 
 
-def check_host_header(head: RequestHead, url: URL) -> None:
-    """The Host header must be present once and name the URL's host and port (RFC 9112 3.2)."""
+def host_header_problem(head: RequestHead, host: str, port: int, named_by: str,
+                        required: bool) -> str | None:
+    """Why the Host header does not name exactly ``host:port`` (RFC 9112 3.2), or None.
+
+    ``named_by`` says what named the host first (the request URL, the CONNECT target), for the
+    message; ``required`` makes a missing Host header a problem too.
+    """
     hosts = head.get_all(b"host")
     if len(hosts) > 1:
-        raise bad_request("more than one Host header")
+        return "more than one Host header"
     if not hosts:
-        if head.version == "1.1":
-            raise bad_request("HTTP/1.1 request without a Host header")
-        return
+        return f"HTTP/{head.version} request without a Host header" if required else None
     try:
-        host, port = split_authority(hosts[0].decode("ascii"), url.port)
+        named = split_authority(hosts[0].decode("ascii"), port)
     except (InputError, UnicodeDecodeError) as exc:
-        raise bad_request(f"Host header {hosts[0]!r} is invalid: {exc}") from exc
-    if (host, port) != (url.host, url.port):
-        raise bad_request(f"Host header {hosts[0].decode('ascii', 'replace')!r} disagrees "
-                          f"with the request URL host {url.authority}")
+        return f"Host header {hosts[0]!r} is invalid: {exc}"
+    if named != (host, port):
+        return (f"Host header {hosts[0].decode('ascii', 'replace')!r} disagrees with "
+                f"{named_by}")
+    return None
+
+
+def check_host_header(head: RequestHead, url: URL) -> None:
+    """An absolute-form request's Host header must name the URL's host and port."""
+    problem = host_header_problem(head, url.host, url.port,
+                                  f"the request URL host {url.authority}",
+                                  required=head.version == "1.1")
+    if problem is not None:
+        raise bad_request(problem)
+
+
+def decision_row(ex: Exchange, head: RequestHead, decision: Decision) -> AuditRecord:
+    """The audit row of a request that was decided and forwarded (or cut short by a limit)."""
+    if ex.cut_reason is not None:
+        return audit_row(ex, head, "http", "deny", decision.rule_id, ex.cut_reason)
+    return audit_row(ex, head, "http", decision.verdict.value, decision.rule_id, decision.reason)
 
 
 async def resolve_and_decide(ctx: ProxyContext, request: Request, keep_alive: bool
@@ -129,10 +150,7 @@ async def resolve_and_decide(ctx: ProxyContext, request: Request, keep_alive: bo
         addresses = await ctx.resolver.resolve(request.host, request.port)
     except ResolveError as exc:
         raise upstream_failed(502, decision, str(exc)) from exc
-    with_addresses = Request(request.host, request.port, request.scheme, request.method,
-                             request.path, request.query, request.header_names,
-                             request.body_size, addresses, request.layer)
-    decision = ctx.decide(with_addresses)
+    decision = ctx.decide(dataclasses.replace(request, addresses=addresses))
     if not decision.allowed:
         raise denied(decision, keep_alive)
     return decision, addresses

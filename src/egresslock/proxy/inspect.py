@@ -16,15 +16,17 @@ from collections.abc import Callable
 from egresslock.audit import AuditRecord
 from egresslock.errors import InputError
 from egresslock.policy import Decision, parse_url
-from egresslock.policy.normalize import IPAddress, split_authority
+from egresslock.policy.normalize import IPAddress
 from egresslock.proxy.conn import Conn
 from egresslock.proxy.context import ProxyContext
 from egresslock.proxy.forward import (
     Exchange,
     Refused,
     audit_row,
+    decision_row,
     dial,
     exchange,
+    host_header_problem,
     request_for,
     upstream_failed,
 )
@@ -81,18 +83,12 @@ async def inspect_tunnel(ctx: ProxyContext, client: Conn, upstream: Conn, host: 
                 return totals[0], totals[1]
             totals[0] += ex.bytes_out
             totals[1] += ex.bytes_in
-            log(_inner_row(ex, head, decision))
+            log(decision_row(ex, head, decision))
             if not keep:
                 return totals[0], totals[1]
     finally:
         state.close()
         client_tls.close()
-
-
-def _inner_row(ex: Exchange, head: RequestHead, decision: Decision) -> AuditRecord:
-    if ex.cut_reason is not None:
-        return audit_row(ex, head, "http", "deny", decision.rule_id, ex.cut_reason)
-    return audit_row(ex, head, "http", decision.verdict.value, decision.rule_id, decision.reason)
 
 
 class _Upstream:
@@ -146,13 +142,8 @@ async def _one(ctx: ProxyContext, head: RequestHead, client: TLSConn, upstream: 
         raise Refused(deny_response("default", reason, not keep_alive), "deny", "default",
                       reason, keep_alive) from exc
     ex.url = url
-    hosts = head.get_all(b"host")
-    try:
-        named = [split_authority(h.decode("ascii"), port) for h in hosts]
-    except (InputError, UnicodeDecodeError):
-        named = [("?", 0)]
-    if len(named) != 1 or named[0] != (host, port):
-        shown = b", ".join(hosts).decode("ascii", "replace") or "none"
+    if host_header_problem(head, host, port, "the CONNECT target", required=True) is not None:
+        shown = b", ".join(head.get_all(b"host")).decode("ascii", "replace") or "none"
         reason = (f"Host {shown} differs from CONNECT host {host}:{port} inside the tunnel "
                   "(domain fronting)")
         raise Refused(deny_response("default", reason, not keep_alive), "deny", "default",

@@ -19,7 +19,13 @@ from egresslock.audit import AuditRecord
 from egresslock.errors import ProxyError
 from egresslock.proxy.conn import Conn, HeadTooLarge
 from egresslock.proxy.context import ProxyContext
-from egresslock.proxy.forward import Exchange, Refused, audit_row, handle_request
+from egresslock.proxy.forward import (
+    Exchange,
+    Refused,
+    audit_row,
+    decision_row,
+    handle_request,
+)
 from egresslock.proxy.http1 import ProtocolError, RequestHead, parse_request_head, simple_response
 from egresslock.proxy.tunnel import TunnelDenied, TunnelResult, handle_connect, tunnel_row
 
@@ -175,11 +181,7 @@ class ProxyServer:
             reason = f"connection failed mid-exchange: {exc or type(exc).__name__}"
             self.ctx.log(audit_row(ex, head, "http", "allow", "default", reason))
             return False
-        if ex.cut_reason is not None:
-            self.ctx.log(audit_row(ex, head, "http", "deny", decision.rule_id, ex.cut_reason))
-        else:
-            self.ctx.log(audit_row(ex, head, "http", decision.verdict.value, decision.rule_id,
-                                   decision.reason))
+        self.ctx.log(decision_row(ex, head, decision))
         return keep
 
     async def _connect(self, head: RequestHead, client: Conn) -> None:

@@ -19,7 +19,13 @@ from egresslock.policy.loader import HTTPS_PORTS
 from egresslock.policy.normalize import parse_ip_literal, split_authority
 from egresslock.proxy.conn import Conn
 from egresslock.proxy.context import ProxyContext
-from egresslock.proxy.forward import Refused, bad_request, dial, resolve_and_decide
+from egresslock.proxy.forward import (
+    Refused,
+    bad_request,
+    dial,
+    host_header_problem,
+    resolve_and_decide,
+)
 from egresslock.proxy.http1 import RequestHead, deny_response
 from egresslock.proxy.inspect import inspect_tunnel
 from egresslock.proxy.relay import RelayStats, relay
@@ -50,17 +56,10 @@ def parse_connect_target(head: RequestHead) -> tuple[str, int]:
     except InputError as exc:
         raise Refused(deny_response("default", f"refused as ambiguous: {exc}", True),
                       "deny", "default", f"refused as ambiguous: {exc}") from exc
-    hosts = head.get_all(b"host")
-    if len(hosts) > 1:
-        raise bad_request("more than one Host header")
-    if hosts:
-        try:
-            h_host, h_port = split_authority(hosts[0].decode("ascii"), port)
-        except (InputError, UnicodeDecodeError) as exc:
-            raise bad_request(f"Host header {hosts[0]!r} is invalid: {exc}") from exc
-        if (h_host, h_port) != (host, port):
-            raise bad_request(f"Host header {hosts[0].decode('ascii', 'replace')!r} disagrees "
-                              f"with the CONNECT target {target}")
+    problem = host_header_problem(head, host, port, f"the CONNECT target {target}",
+                                  required=False)
+    if problem is not None:
+        raise bad_request(problem)
     return host, port
 
 
