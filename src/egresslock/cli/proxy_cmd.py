@@ -64,7 +64,6 @@ def proxy(policy_file: Path, listen: str, audit_path: Path | None, resolve: tupl
     refused with its errors and the old one stays in force.
     """
     from egresslock.audit import AuditLog, default_db_path
-    from egresslock.policy import CompiledPolicy  # noqa: F401  (import cost paid before listen)
     from egresslock.proxy.context import Limits, PolicyHolder, ProxyContext, upstream_context
     from egresslock.proxy.metrics import ProxyMetrics
     from egresslock.proxy.resolver import Resolver, parse_pins
