@@ -258,3 +258,24 @@ def exchange_raw(port: int, data: bytes, timeout: float = 10.0) -> bytes:
         except (TimeoutError, ConnectionResetError):
             pass
         return out
+
+
+def upload_past_refusal(sock: socket.socket, head: bytes, chunks: int = 64,
+                        size: int = 4096) -> tuple[bytes, OSError | None]:
+    """Send ``head`` and a chunked body far over any cap, as a streaming client does: it keeps
+    writing after the proxy has refused. Returns what the proxy answered and the send error."""
+    sock.sendall(head)
+    error: OSError | None = None
+    try:
+        for _ in range(chunks):
+            sock.sendall(b"%x\r\n%s\r\n" % (size, b"u" * size))
+        sock.sendall(b"0\r\n\r\n")
+    except OSError as exc:
+        error = exc
+    out = b""
+    try:
+        while chunk := sock.recv(65536):
+            out += chunk
+    except (TimeoutError, ssl.SSLError, OSError) as exc:
+        error = error or exc
+    return out, error

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import require_sandbox
 from tests.proxy.conftest import RunningProxy, Upstreams
-from tests.proxy.servers import Recorder, exchange_raw
+from tests.proxy.servers import Recorder, exchange_raw, upload_past_refusal
 
 pytestmark = pytest.mark.integration
 
@@ -121,6 +121,20 @@ def test_protocol_attacks_are_refused(proxy: RunningProxy, upstreams: Upstreams,
 def test_oversized_head_is_431(proxy: RunningProxy) -> None:
     resp = raw(proxy, b"GET http://app.test/ HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n")
     assert status(resp) == 431
+
+
+def test_refusal_reaches_a_client_still_uploading(proxy: RunningProxy,
+                                                  upstreams: Upstreams) -> None:
+    """The proxy refuses mid-body and closes; the client is still sending. Without a lingering
+    close the kernel resets the connection and the client never reads why it was refused."""
+    p = upstreams.http.port
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        out, error = upload_past_refusal(s, b"POST http://write.test:%d/upload/x HTTP/1.1\r\n"
+                                            b"Host: write.test:%d\r\n"
+                                            b"Transfer-Encoding: chunked\r\n\r\n" % (p, p))
+    assert status(out) == 403, (out[:300], error)
+    assert b"chunked upload stopped" in out
+    assert error is None
 
 
 def _connect(proxy: RunningProxy, target: bytes) -> tuple[socket.socket, bytes]:

@@ -24,7 +24,7 @@ import requests
 from egresslock.proxy.ca import LeafMinter, init_ca
 from tests.conftest import require_tool
 from tests.proxy.conftest import PINS, RunningProxy, Upstreams, start_proxy
-from tests.proxy.servers import make_ca, tls_echo_server
+from tests.proxy.servers import make_ca, tls_echo_server, upload_past_refusal
 
 pytestmark = pytest.mark.integration
 
@@ -141,6 +141,26 @@ def test_tunnel_stays_usable_after_a_deny(inspecting: tuple[RunningProxy, Path, 
         r = s.put(f"{base}/upload/s", data=(b"z" * 100 for _ in range(20)), **kw)  # type: ignore[arg-type]
         assert r.status_code == 403
         assert "chunked upload stopped" in r.headers["X-Egresslock-Deny"]
+
+
+def test_refusal_inside_tunnel_reaches_a_client_still_uploading(
+        inspecting: tuple[RunningProxy, Path, int], upstreams: Upstreams) -> None:
+    proxy, ca, _ = inspecting
+    port = upstreams.tls.port
+    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    raw.sendall(b"CONNECT secure.test:%d HTTP/1.1\r\nHost: secure.test:%d\r\n\r\n"
+                % (port, port))
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        reply += raw.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 200")
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with ctx.wrap_socket(raw, server_hostname="secure.test") as s:
+        out, error = upload_past_refusal(s, b"PUT /upload/s HTTP/1.1\r\nHost: secure.test:%d\r\n"
+                                            b"Transfer-Encoding: chunked\r\n\r\n" % port)
+    assert out.startswith(b"HTTP/1.1 403"), (out[:300], error)
+    assert b"chunked upload stopped" in out
+    assert error is None
 
 
 def test_invalid_upstream_certificate_is_502(inspecting: tuple[RunningProxy, Path, int]

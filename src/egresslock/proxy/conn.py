@@ -27,7 +27,7 @@ class HeadTooLarge(ProtocolError):
 class Conn:
     """A connected non-blocking socket with a read buffer."""
 
-    __slots__ = ("buf", "closed", "loop", "sock")
+    __slots__ = ("buf", "closed", "linger", "loop", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -35,6 +35,8 @@ class Conn:
         self.buf = bytearray()
         self.loop = asyncio.get_running_loop()
         self.closed = False
+        # Set when a response refused a request whose rest the client may still be sending.
+        self.linger = False
 
     async def fill(self) -> bool:
         """Read what is available into the buffer; False at end of stream.
@@ -108,6 +110,45 @@ class Conn:
             self.closed = True
             with contextlib.suppress(OSError):
                 self.sock.close()
+
+    def _end_session(self) -> None:
+        """Say goodbye at the layer above TCP; TLS sends its close_notify here."""
+
+    async def close_lingering(self, seconds: float = 2.0, limit: int = 1 << 20) -> None:
+        """Close after refusing a request the client may still be sending.
+
+        Closing a socket with unread bytes makes the kernel answer with a reset, and a reset can
+        destroy the refusal in the client's receive buffer before the client reads it: the user
+        sees "connection reset" instead of the reason. So stop writing, then read and discard
+        what still arrives, for at most ``seconds`` and ``limit`` bytes, then close.
+        """
+        if self.closed:
+            return
+        self._end_session()
+        drained = 0
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            async with asyncio.timeout(seconds):
+                while drained < limit:
+                    try:
+                        data = self.sock.recv(RECV_SIZE)
+                    except (BlockingIOError, InterruptedError):
+                        await wait_fd(self.loop, self.sock.fileno(), writable=False)
+                        continue
+                    if not data:
+                        break
+                    drained += len(data)
+        except (TimeoutError, OSError):
+            pass
+        finally:
+            self.close()
+
+    async def finish(self) -> None:
+        """Close: lingering when :attr:`linger` says a refusal may be in flight."""
+        if self.linger:
+            await self.close_lingering()
+        else:
+            self.close()
 
     def abort(self) -> None:
         """Close with a TCP reset, so the peer learns at once that the connection was refused."""

@@ -73,9 +73,11 @@ async def inspect_tunnel(ctx: ProxyContext, client: Conn, upstream: Conn, host: 
                 await client_tls.send(r.response)
                 log(audit_row(ex, head, "http", r.verdict, r.rule_id, r.reason))
                 if not r.keep_alive:
+                    client_tls.linger = True
                     return totals[0], totals[1]
                 continue
             except ProtocolError as exc:
+                client_tls.linger = True
                 reason = f"malformed request inside tunnel: {exc}"
                 await client_tls.send(simple_response(400, "Bad Request",
                                                       f"egresslock: {reason}", close=True))
@@ -88,7 +90,7 @@ async def inspect_tunnel(ctx: ProxyContext, client: Conn, upstream: Conn, host: 
                 return totals[0], totals[1]
     finally:
         state.close()
-        client_tls.close()
+        await client_tls.finish()
 
 
 class _Upstream:

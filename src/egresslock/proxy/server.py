@@ -107,10 +107,12 @@ class ProxyServer:
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
-            ctx.active_connections -= 1
-            if ctx.metrics is not None:
-                ctx.metrics.connections.dec()
-            client.close()
+            try:
+                await client.finish()
+            finally:
+                ctx.active_connections -= 1
+                if ctx.metrics is not None:
+                    ctx.metrics.connections.dec()
 
     async def _read_head(self, client: Conn, first: bool) -> bytes | None:
         """The next head; None when the client is done. Answers 408/431/400 itself."""
@@ -139,6 +141,7 @@ class ProxyServer:
         return None
 
     def _refuse_raw(self, client: Conn, status: int, text: str, reason: str) -> None:
+        client.linger = True
         with contextlib.suppress(OSError):
             client.sock.setblocking(True)
             client.sock.settimeout(1.0)
@@ -170,8 +173,10 @@ class ProxyServer:
         except Refused as r:
             await self._write(client, r.response)
             self.ctx.log(audit_row(ex, head, "http", r.verdict, r.rule_id, r.reason))
+            client.linger = not r.keep_alive
             return r.keep_alive
         except ProtocolError as exc:
+            client.linger = True
             reason = f"malformed request: {exc}"
             self.ctx.log(audit_row(ex, head, "http", "deny", "default", reason))
             await self._write(client, simple_response(400, "Bad Request", f"egresslock: {reason}",

@@ -22,12 +22,13 @@ class TLSError(Exception):
 class TLSConn(Conn):
     """A TLS session on top of a connected :class:`Conn`."""
 
-    __slots__ = ("_in", "_out", "_raw", "_tls")
+    __slots__ = ("_ended", "_in", "_out", "_raw", "_tls")
 
     def __init__(self, raw: Conn, context: ssl.SSLContext, server_side: bool,
                  server_hostname: str | None = None) -> None:
         super().__init__(raw.sock)
         self._raw = raw
+        self._ended = False
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._in, self._out, server_side=server_side,
@@ -100,13 +101,18 @@ class TLSConn(Conn):
             view = view[written:]
             await self._flush()
 
+    def _end_session(self) -> None:
+        if self.closed or self._ended:
+            return
+        self._ended = True
+        try:
+            self._tls.unwrap()
+            data = self._out.read()
+            if data:
+                self.sock.send(data)
+        except (ssl.SSLError, OSError, ValueError):
+            pass
+
     def close(self) -> None:
-        if not self.closed:
-            try:
-                self._tls.unwrap()
-                data = self._out.read()
-                if data:
-                    self.sock.send(data)
-            except (ssl.SSLError, OSError, ValueError):
-                pass
+        self._end_session()
         super().close()
