@@ -1,0 +1,1 @@
+"""The kernel-enforced sandbox of ``egresslock run``: namespaces, nftables, seccomp, Landlock."""
