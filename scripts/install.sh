@@ -12,7 +12,9 @@ APT_PACKAGES=(
   nftables libnftables1 iptables        # in-namespace capture rules and the compile targets' checks
   iproute2 bubblewrap libseccomp2       # namespaces, test hosts, seccomp
   openssl sqlite3                       # test CAs; reading the audit database by hand
-)
+  iputils-ping util-linux               # the escape suite's ping; unshare/setpriv/nsenter
+  python3-requests python3-httpx        # Python clients inside the sandbox, which run as nobody
+)                                       # under root and so cannot read a Python under /root
 
 # Node.js drives one client test (fetch through the proxy); keep a node the machine already has.
 command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(nodejs npm)

@@ -11,8 +11,10 @@ from egresslock import __version__
 from egresslock.cli.audit_cmd import audit
 from egresslock.cli.ca_cmd import ca, env
 from egresslock.cli.check_cmd import check
+from egresslock.cli.doctor_cmd import doctor
 from egresslock.cli.policy_cmd import policy
 from egresslock.cli.proxy_cmd import proxy
+from egresslock.cli.run_cmd import run
 from egresslock.errors import EgresslockError
 
 # Exit codes shared by every command.
@@ -33,15 +35,18 @@ def cli() -> None:
       egresslock policy init policy.yaml      write a commented starter policy
       egresslock policy validate policy.yaml  check it, with file and line for every problem
       egresslock check -p policy.yaml URL     ask what the policy decides for one request
+      egresslock run -p policy.yaml -- CMD    run CMD with egresslock as its only way out
     """
 
 
 cli.add_command(policy)
 cli.add_command(check)
 cli.add_command(audit)
+cli.add_command(run)
 cli.add_command(proxy)
 cli.add_command(ca)
 cli.add_command(env)
+cli.add_command(doctor)
 
 
 def main() -> None:

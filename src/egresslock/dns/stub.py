@@ -153,7 +153,7 @@ class DnsStub:
             while True:
                 await self._slots.acquire()
                 try:
-                    data, peer = await loop.sock_recvfrom(sock, _UDP_READ_SIZE)
+                    data, peer = await _recvfrom(loop, sock)
                 except OSError as exc:
                     self._slots.release()
                     if sock.fileno() < 0:
@@ -174,7 +174,9 @@ class DnsStub:
         try:
             reply = await self._handle_safely(data, "udp")
             if reply is not None:
-                await asyncio.get_running_loop().sock_sendto(sock, reply, peer)
+                # A datagram is sent whole or not at all; a full socket buffer drops it, as
+                # a congested network would, and the client retries.
+                sock.sendto(reply, peer)
         except OSError as exc:
             log.debug("UDP reply to %s failed: %s", peer, exc)
         finally:
@@ -244,6 +246,28 @@ class DnsStub:
         finally:
             self._slots.release()
             pipeline.release()
+
+
+async def _recvfrom(loop: asyncio.AbstractEventLoop, sock: socket.socket
+                    ) -> tuple[bytes, tuple[Any, ...]]:
+    """One datagram. uvloop has no ``sock_recvfrom``, so wait for readability directly."""
+    while True:
+        try:
+            data, peer = sock.recvfrom(_UDP_READ_SIZE)
+            return data, peer
+        except (BlockingIOError, InterruptedError):
+            ready: asyncio.Future[None] = loop.create_future()
+            fd = sock.fileno()
+
+            def wake(ready: asyncio.Future[None] = ready) -> None:
+                if not ready.done():
+                    ready.set_result(None)
+
+            loop.add_reader(fd, wake)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
 
 
 class _Exchange:

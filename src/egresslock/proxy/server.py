@@ -14,9 +14,12 @@ import logging
 import signal
 import socket
 from collections.abc import Callable
+from dataclasses import replace
 
 from egresslock.audit import AuditRecord
-from egresslock.errors import ProxyError
+from egresslock.errors import InputError, ProxyError
+from egresslock.policy import normalize_host
+from egresslock.policy.normalize import split_authority
 from egresslock.proxy.conn import Conn, HeadTooLarge
 from egresslock.proxy.context import ProxyContext
 from egresslock.proxy.forward import (
@@ -26,7 +29,21 @@ from egresslock.proxy.forward import (
     decision_row,
     handle_request,
 )
-from egresslock.proxy.http1 import ProtocolError, RequestHead, parse_request_head, simple_response
+from egresslock.proxy.http1 import (
+    ProtocolError,
+    RequestHead,
+    deny_response,
+    parse_request_head,
+    simple_response,
+)
+from egresslock.proxy.transparent import (
+    Destination,
+    NamesFor,
+    check_destination,
+    handle_transparent,
+    original_destination,
+    sniff,
+)
 from egresslock.proxy.tunnel import TunnelDenied, TunnelResult, handle_connect, tunnel_row
 
 log = logging.getLogger("egresslock.proxy")
@@ -50,16 +67,20 @@ def make_listener(host: str, port: int, backlog: int = 1024) -> socket.socket:
 class ProxyServer:
     """Serves the proxy on listening sockets it is given (so a sandbox can pass them in)."""
 
-    def __init__(self, ctx: ProxyContext) -> None:
+    def __init__(self, ctx: ProxyContext, names_for: NamesFor | None = None) -> None:
         self.ctx = ctx
+        # For transparent capture: the names the sandbox's DNS stub gave for an address.
+        self.names_for: NamesFor = names_for or (lambda _address: ())
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepting: list[asyncio.Task[None]] = []
 
-    def serve(self, listener: socket.socket) -> None:
-        """Start accepting on ``listener`` (non-blocking, already listening)."""
-        self._accepting.append(asyncio.ensure_future(self._accept_loop(listener)))
+    def serve(self, listener: socket.socket, transparent: bool = False) -> None:
+        """Start accepting on ``listener`` (non-blocking, already listening). A transparent
+        listener takes connections nftables redirected (see :mod:`egresslock.proxy.transparent`).
+        """
+        self._accepting.append(asyncio.ensure_future(self._accept_loop(listener, transparent)))
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
+    async def _accept_loop(self, listener: socket.socket, transparent: bool) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -68,7 +89,7 @@ class ProxyServer:
                 log.warning("accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
-            task = asyncio.ensure_future(self._connection(sock))
+            task = asyncio.ensure_future(self._connection(sock, transparent))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -83,7 +104,7 @@ class ProxyServer:
                 c.close()
         self.ctx.pool.clear()
 
-    async def _connection(self, sock: socket.socket) -> None:
+    async def _connection(self, sock: socket.socket, transparent: bool = False) -> None:
         ctx = self.ctx
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -101,9 +122,12 @@ class ProxyServer:
         if ctx.metrics is not None:
             ctx.metrics.connections.inc()
         try:
-            first = True
-            while await self._one_request(client, first):
-                first = False
+            if transparent:
+                await self._transparent(client)
+            else:
+                first = True
+                while await self._one_request(client, first):
+                    first = False
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -149,7 +173,70 @@ class ProxyServer:
         self.ctx.log(AuditRecord(layer="http", verdict="deny", rule_id="default", reason=reason,
                                  protocol="tcp"))
 
-    async def _one_request(self, client: Conn, first: bool) -> bool:
+    async def _transparent(self, client: Conn) -> None:
+        """A connection nftables redirected: plain HTTP is served request by request, anything
+        else is decided once as a tunnel to its original destination."""
+        ctx = self.ctx
+        result = TunnelResult(transparent=True)
+        try:
+            dest = original_destination(client.sock)
+            if (str(dest.address), dest.port) == client.sock.getsockname()[:2]:
+                raise OSError("not redirected")
+        except OSError:
+            client.abort()
+            ctx.log(tunnel_row(result, "connect", "deny", "default",
+                               "connection to the transparent port that nftables did not "
+                               "redirect (no original destination)"))
+            return
+        kind, hello = await sniff(ctx, client)
+        if kind == "http":
+            first = True
+            while await self._one_request(client, first, dest):
+                first = False
+            return
+        layer = "tls" if kind == "tls" else "connect"
+        try:
+            decision = await handle_transparent(ctx, client, dest, kind, hello, self.names_for,
+                                                result)
+        except TunnelDenied as d:
+            client.abort()
+            ctx.log(tunnel_row(result, layer, "deny", d.rule_id, d.reason))
+            return
+        except Refused as r:
+            client.abort()
+            ctx.log(tunnel_row(result, layer, r.verdict, r.rule_id, r.reason))
+            return
+        except (TimeoutError, OSError) as exc:
+            ctx.log(tunnel_row(result, layer, "allow", "default",
+                               f"tunnel failed: {exc or type(exc).__name__}"))
+            return
+        ctx.log(tunnel_row(result, layer, decision.verdict.value, decision.rule_id,
+                           decision.reason))
+
+    async def _as_forwarded(self, head: RequestHead, dest: Destination) -> RequestHead | str:
+        """A redirected origin-form request as the absolute-form request it stands for, or
+        why it cannot be one (Host missing, or naming another port or address)."""
+        hosts = head.get_all(b"host")
+        if len(hosts) != 1:
+            return "a redirected HTTP request needs exactly one Host header"
+        authority = hosts[0].decode("ascii", "replace")
+        try:
+            host, port = split_authority(authority, 80)
+            host = normalize_host(host)
+        except InputError as exc:
+            return f"Host {authority!r} refused as ambiguous: {exc}"
+        if port != dest.port:
+            return f"Host {authority} names port {port}, but the connection went to {dest}"
+        why = await check_destination(self.ctx, self.names_for, host, dest)
+        if why is not None:
+            return why
+        target = head.target
+        if not target.startswith("/"):
+            return f"a redirected request must have an origin-form target, not {target[:200]!r}"
+        return replace(head, target=f"http://{authority}{target}")
+
+    async def _one_request(self, client: Conn, first: bool,
+                           dest: Destination | None = None) -> bool:
         raw = await self._read_head(client, first)
         if raw is None:
             return False
@@ -161,6 +248,14 @@ class ProxyServer:
             self.ctx.log(AuditRecord(layer="http", verdict="deny", rule_id="default",
                                      reason=str(exc), path=_printable(raw), protocol="tcp"))
             return False
+        if dest is not None:
+            forwarded = await self._as_forwarded(head, dest)
+            if isinstance(forwarded, str):
+                client.linger = True
+                await self._write(client, deny_response("default", forwarded, True))
+                self.ctx.log(audit_row(Exchange(), head, "http", "deny", "default", forwarded))
+                return False
+            return await self._forward(forwarded, client)
         if head.method == "CONNECT":
             await self._connect(head, client)
             return False

@@ -16,7 +16,7 @@ from egresslock.audit import AuditRecord
 from egresslock.errors import InputError
 from egresslock.policy import Decision, Layer, Request, normalize_host
 from egresslock.policy.loader import HTTPS_PORTS
-from egresslock.policy.normalize import parse_ip_literal, split_authority
+from egresslock.policy.normalize import IPAddress, parse_ip_literal, split_authority
 from egresslock.proxy.conn import Conn
 from egresslock.proxy.context import ProxyContext
 from egresslock.proxy.forward import (
@@ -44,6 +44,7 @@ class TunnelResult:
     bytes_out: int = 0
     bytes_in: int = 0
     ended: str = ""
+    transparent: bool = False  # redirected by nftables, not asked for with CONNECT
 
 
 def parse_connect_target(head: RequestHead) -> tuple[str, int]:
@@ -63,7 +64,7 @@ def parse_connect_target(head: RequestHead) -> tuple[str, int]:
     return host, port
 
 
-async def _read_hello(ctx: ProxyContext, client: Conn, port: int) -> ClientHello | None:
+async def read_hello(ctx: ProxyContext, client: Conn, port: int) -> ClientHello | None:
     """The ClientHello, or None for a non-TLS protocol on a non-HTTPS port.
 
     On HTTPS ports TLS is required. Elsewhere the client may speak first in another protocol,
@@ -112,6 +113,15 @@ async def handle_connect(ctx: ProxyContext, head: RequestHead, client: Conn,
     result.host, result.port = host, port
     request = Request(host, port, "https" if port in HTTPS_PORTS else "tcp", layer=Layer.CONNECT)
     decision, addresses = await resolve_and_decide(ctx, request, keep_alive=False)
+    return await run_tunnel(ctx, client, host, port, decision, addresses, result,
+                            b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+
+async def run_tunnel(ctx: ProxyContext, client: Conn, host: str, port: int, decision: Decision,
+                     addresses: tuple[IPAddress, ...], result: TunnelResult, reply: bytes
+                     ) -> Decision:
+    """Dial a decided tunnel, send ``reply`` (CONNECT's 200; nothing when transparent), check
+    the ClientHello against ``host``, then inspect or relay until either side ends."""
     if decision.inspect and ctx.minter is None:
         reason = (f"rule {decision.rule_id} needs TLS inspection (inspect: true), but the proxy "
                   "has no CA; create one with 'egresslock ca init' and restart the proxy")
@@ -120,9 +130,10 @@ async def handle_connect(ctx: ProxyContext, head: RequestHead, client: Conn,
     upstream, address = await dial(ctx, addresses, port, decision)
     result.address = address
     try:
-        await client.send(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        if reply:
+            await client.send(reply)
         try:
-            hello = await _read_hello(ctx, client, port)
+            hello = await read_hello(ctx, client, port)
         except NotTLS as exc:
             raise TunnelDenied("default", f"non-TLS bytes on HTTPS port {port}: {exc}") from exc
         except OSError as exc:
@@ -177,8 +188,11 @@ def tunnel_row(result: TunnelResult, layer: str, verdict: str, rule_id: str, rea
         extra["sni"] = result.sni
     if result.ended:
         extra["ended"] = result.ended
+    if result.transparent:
+        extra["capture"] = "transparent"
     return AuditRecord(layer=layer, verdict=verdict, rule_id=rule_id, reason=reason,
-                       method="CONNECT", host=result.host, port=result.port,
+                       method=None if result.transparent else "CONNECT", host=result.host,
+                       port=result.port,
                        address=result.address, bytes_out=result.bytes_out,
                        bytes_in=result.bytes_in, protocol="tcp", extra=extra or None)
 
