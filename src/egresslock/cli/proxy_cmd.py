@@ -64,7 +64,7 @@ def proxy(policy_file: Path, listen: str, audit_path: Path | None, resolve: tupl
     refused with its errors and the old one stays in force.
     """
     from egresslock.audit import AuditLog, default_db_path
-    from egresslock.proxy.context import Limits, PolicyHolder, ProxyContext, upstream_context
+    from egresslock.proxy.context import Limits, PolicyHolder, ProxyContext
     from egresslock.proxy.metrics import ProxyMetrics
     from egresslock.proxy.resolver import Resolver, parse_pins
     from egresslock.proxy.server import ProxyServer, install_reload, make_listener
@@ -82,7 +82,7 @@ def proxy(policy_file: Path, listen: str, audit_path: Path | None, resolve: tupl
     proxy_metrics = ProxyMetrics() if metrics else None
     audit = AuditLog(audit_path or default_db_path())
     ctx = ProxyContext(holder, audit.record, Resolver(pins), limits, proxy_metrics,
-                       upstream_tls=upstream_context(str(upstream_ca) if upstream_ca else None))
+                       upstream_ca=str(upstream_ca) if upstream_ca else None)
     ctx.minter = _minter(ctx, ca_dir)
     listener = make_listener(host, port)
 
@@ -124,18 +124,19 @@ def proxy(policy_file: Path, listen: str, audit_path: Path | None, resolve: tupl
 
 def _minter(ctx: ProxyContext, ca_dir: Path | None) -> LeafMinter | None:
     """A leaf minter for the policy's inspected hosts, or None (with a warning) without a CA."""
-    from egresslock.proxy.ca import CAError, LeafMinter, load_ca
     from egresslock.proxy.context import inspected_hosts
 
     hosts = inspected_hosts(ctx.policy.current)
     if not hosts:
         return None
+    from egresslock.proxy.ca import CAError, LeafMinter, load_ca
     try:
         root = load_ca(ca_dir)
     except CAError as exc:
         click.echo(f"egresslock: warning: {exc}; tunnels of inspect: true rules will be "
                    "refused", err=True)
         return None
+    _ = ctx.upstream_tls  # a bad --upstream-ca fails now, not at the first inspected request
     return LeafMinter(root, hosts)
 
 

@@ -138,7 +138,7 @@ def run(policy_file: Path, audit_path: Path | None, resolve: tuple[str, ...],
     """
     from egresslock.audit import AuditLog, default_db_path
     from egresslock.errors import SandboxError
-    from egresslock.proxy.context import Limits, PolicyHolder, ProxyContext, upstream_context
+    from egresslock.proxy.context import Limits, PolicyHolder, ProxyContext
     from egresslock.proxy.resolver import Resolver, parse_pins
     from egresslock.sandbox.process import become_subreaper, end_tree
     from egresslock.sandbox.spawn import spawn
@@ -155,7 +155,7 @@ def run(policy_file: Path, audit_path: Path | None, resolve: tuple[str, ...],
     summary = RunSummary()
     audit_file = audit_path or default_db_path()
     ctx = ProxyContext(holder, summary.count, Resolver(pins), limits,
-                       upstream_tls=upstream_context(str(upstream_ca) if upstream_ca else None))
+                       upstream_ca=str(upstream_ca) if upstream_ca else None)
     ctx.minter = _minter(ctx, ca_dir)
     spec = _spec(ctx, ca_dir, command, share, uid, gid, transparent)
     become_subreaper()

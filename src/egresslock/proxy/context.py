@@ -11,14 +11,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from egresslock.audit import AuditRecord
 from egresslock.errors import PolicyError
 from egresslock.policy import CompiledPolicy, Decision, Request, compile_policy, decide, load_policy
-from egresslock.proxy.ca import LeafMinter
 from egresslock.proxy.conn import Conn
-from egresslock.proxy.metrics import ProxyMetrics, reason_kind
 from egresslock.proxy.resolver import Resolver
+
+if TYPE_CHECKING:
+    # Loaded only when used: cryptography and prometheus_client cost a wrapped tool call
+    # (egresslock run) tens of milliseconds of start-up it mostly does not need.
+    from egresslock.proxy.ca import LeafMinter
+    from egresslock.proxy.metrics import ProxyMetrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +112,16 @@ class ProxyContext:
     active_connections: int = 0
     # TLS inspection: leaves for inspected hosts, and how upstream certificates are verified.
     minter: LeafMinter | None = None
-    upstream_tls: ssl.SSLContext = field(default_factory=lambda: upstream_context(None))
+    # Built on first use: loading the system trust store costs ~20 ms that a run with no
+    # inspected host never needs.
+    upstream_ca: str | None = None
+    _upstream_tls: ssl.SSLContext | None = None
+
+    @property
+    def upstream_tls(self) -> ssl.SSLContext:
+        if self._upstream_tls is None:
+            self._upstream_tls = upstream_context(self.upstream_ca)
+        return self._upstream_tls
 
     def decide(self, request: Request) -> Decision:
         if self.metrics is None:
@@ -121,6 +135,8 @@ class ProxyContext:
         """Write an audit row and count it; never raises into a handler."""
         self.audit(record)
         if self.metrics is not None:
+            from egresslock.proxy.metrics import reason_kind
+
             self.metrics.decisions.labels(record.layer, record.verdict, record.rule_id,
                                           reason_kind(record.reason)).inc()
             if record.bytes_out:
