@@ -28,7 +28,8 @@ def test_environment_points_every_proxy_variable_at_the_sandbox_proxy() -> None:
 
 def test_environment_trusts_the_inspection_ca_when_there_is_one() -> None:
     env = command_environment({}, "http://127.0.0.1:3128", "/run/egresslock/ca.pem")
-    assert env["SSL_CERT_FILE"] == env["NODE_EXTRA_CA_CERTS"] == "/run/egresslock/ca.pem"
+    assert env["SSL_CERT_FILE"] == env["REQUESTS_CA_BUNDLE"] == "/run/egresslock/bundle.pem"
+    assert env["NODE_EXTRA_CA_CERTS"] == "/run/egresslock/ca.pem"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="root chooses the command's user")

@@ -277,7 +277,16 @@ def _direct_tcp_without_transparent() -> dict[str, Any]:
         with _listen(socket.AF_INET, "127.0.0.1", PROXY) as proxy, \
                 socket.create_connection(("127.0.0.1", PROXY), timeout=2):
             proxy.accept()[0].close()
-        return {"uid": os.getuid(), "codes": [code, code6], "logged": _drain(nflog, 2)}
+        logged = _drain(nflog, 2)
+        # A blocking connect learns at once: nftables answers the SYN with a reset.
+        started = time.monotonic()
+        try:
+            socket.create_connection(("203.0.113.5", 80), timeout=5).close()
+            blocking = "connected"
+        except OSError as exc:
+            blocking = errno.errorcode.get(exc.errno or 0, str(exc))
+        return {"uid": os.getuid(), "codes": [code, code6], "logged": logged,
+                "blocking": blocking, "seconds": time.monotonic() - started}
 
 
 @pytest.mark.sandbox
@@ -289,6 +298,8 @@ def test_direct_tcp_is_dropped_and_logged_when_transparent_capture_is_off(
             for p in result["logged"]}
     assert seen == {("tcp", "203.0.113.5", 443, result["uid"]),
                     ("tcp", "2001:db8::5", 443, result["uid"])}
+    assert result["blocking"] == "ECONNREFUSED"
+    assert result["seconds"] < 1.0
 
 
 def _ruleset_round_trip() -> dict[str, Any]:
@@ -349,6 +360,7 @@ def test_capture_ruleset_text_in_transparent_mode() -> None:
         "\t\ttype filter hook output priority 0; policy drop;\n"
         "\t\tip daddr 127.0.0.0/8 accept\n"
         "\t\tip6 daddr ::1 accept\n"
+        "\t\tmeta l4proto tcp log group 7 reject with tcp reset\n"
         "\t\tlog group 7 drop\n"
         "\t}\n"
         "}\n")

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,19 +37,24 @@ PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "http
 # would then meet transparent capture or nothing); SSH_AUTH_SOCK names a socket that is hidden.
 REMOVED_VARIABLES = ("NO_PROXY", "no_proxy", "SSH_AUTH_SOCK")
 CA_IN_SANDBOX = "/run/egresslock/ca.pem"
+BUNDLE_IN_SANDBOX = "/run/egresslock/bundle.pem"
 NOBODY = 65534
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+                     signal.SIGUSR1, signal.SIGUSR2)
 
 
 def command_environment(base: dict[str, str], proxy_url: str,
-                        ca_bundle: str | None) -> dict[str, str]:
+                        ca_cert: str | None) -> dict[str, str]:
     env = {k: v for k, v in base.items() if k not in REMOVED_VARIABLES}
     for name in PROXY_VARIABLES:
         env[name] = proxy_url
     env["EGRESSLOCK_SANDBOX"] = "1"
-    if ca_bundle is not None:
+    if ca_cert is not None:
+        bundle = os.path.join(os.path.dirname(ca_cert), "bundle.pem")
         for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "PIP_CERT",
-                     "GIT_SSL_CAINFO", "NODE_EXTRA_CA_CERTS"):
-            env[name] = ca_bundle
+                     "GIT_SSL_CAINFO"):
+            env[name] = bundle
+        env["NODE_EXTRA_CA_CERTS"] = ca_cert
     return env
 
 
@@ -159,6 +165,10 @@ def run(policy_file: Path, audit_path: Path | None, resolve: tuple[str, ...],
     ctx.minter = _minter(ctx, ca_dir)
     spec = _spec(ctx, ca_dir, command, share, uid, gid, transparent)
     become_subreaper()
+    # Until _supervise installs its handlers, a SIGTERM would kill egresslock and leave the
+    # command to its parent-death signal: hold the forwarded signals back until then.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+    spec = replace(spec, signal_mask=frozenset(mask))
     try:
         _preload()
         sandboxed = spawn(spec)  # first: no thread may exist yet
@@ -196,8 +206,12 @@ def _spec(ctx: ProxyContext, ca_dir: Path | None, command: tuple[str, ...],
     if ctx.minter is not None:
         from egresslock.proxy.ca import load_ca
 
-        # Only the certificate: the sandbox's own /run, readable whatever user it runs as.
-        files.append((CA_IN_SANDBOX, load_ca(ca_dir).cert_path.read_text()))
+        # Certificates only, in the sandbox's own /run, readable whatever user it runs as:
+        # the egresslock CA alone for Node (which adds it to its own roots), and the system
+        # roots plus that CA for clients that take one file as their whole trust store.
+        root = load_ca(ca_dir)
+        files += [(CA_IN_SANDBOX, root.cert_path.read_text()),
+                  (BUNDLE_IN_SANDBOX, root.bundle_path.read_text())]
         ca_bundle = CA_IN_SANDBOX
     env = command_environment(dict(os.environ), f"http://127.0.0.1:{PROXY_PORT}", ca_bundle)
     cwd = os.getcwd()
@@ -252,9 +266,9 @@ async def _supervise(ctx: ProxyContext, sandboxed: Sandboxed) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-                signal.SIGUSR2):
+    for sig in FORWARDED_SIGNALS:
         loop.add_signal_handler(sig, forward, sig)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)  # held ones arrive now
     try:
         return await wait_exit(pid)
     finally:

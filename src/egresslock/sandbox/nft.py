@@ -92,7 +92,11 @@ def capture_ruleset(spec: CaptureSpec) -> str:
         "\t\ttype filter hook output priority 0; policy drop;",
         "\t\tip daddr 127.0.0.0/8 accept",
         "\t\tip6 daddr ::1 accept",
-        # Anything left would leave the namespace if it had a way out: report it, then drop.
+        # Anything left would leave the namespace if it had a way out: report it, then refuse.
+        # TCP gets a reset, so a connect fails at once with ECONNREFUSED instead of hanging
+        # through SYN retries (each of which would be another log row); the rest is dropped,
+        # which a sender sees at once as EPERM.
+        f"\t\tmeta l4proto tcp log group {spec.nflog_group} reject with tcp reset",
         f"\t\tlog group {spec.nflog_group} drop",
         "\t}",
         "}",

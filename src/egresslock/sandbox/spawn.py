@@ -70,6 +70,9 @@ class SandboxSpec:
     mounts: MountPlan
     transparent: bool = True
     seccomp: bool = True
+    # The signal mask the command starts with: the parent blocks the signals it forwards until
+    # its handlers are in place, and execve(2) would hand that block on.
+    signal_mask: frozenset[int] = frozenset()
 
 
 @dataclass(slots=True)
@@ -203,6 +206,7 @@ def _child(spec: SandboxSpec, channel: socket.socket) -> None:  # pragma: no cov
         from egresslock.sandbox.seccomp import install_seccomp
 
         install_seccomp()
+    signal.pthread_sigmask(signal.SIG_SETMASK, spec.signal_mask)
     try:
         os.execvpe(spec.argv[0], list(spec.argv), dict(spec.env))  # noqa: S606
     except OSError as exc:
