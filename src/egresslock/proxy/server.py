@@ -253,7 +253,10 @@ class ProxyServer:
             if isinstance(forwarded, str):
                 client.linger = True
                 await self._write(client, deny_response("default", forwarded, True))
-                self.ctx.log(audit_row(Exchange(), head, "http", "deny", "default", forwarded))
+                host = (head.get(b"host") or b"").decode("ascii", "replace") or None
+                self.ctx.log(replace(audit_row(Exchange(), head, "http", "deny", "default",
+                                               forwarded),
+                                     host=host, port=dest.port, address=str(dest.address)))
                 return False
             return await self._forward(forwarded, client)
         if head.method == "CONNECT":
