@@ -497,7 +497,10 @@ def run_egresslock(scenario: dict[str, Any], workdir: Path, state: Path,
     audit = audit_dir / "audit.db"
     for old in audit_dir.glob("audit.db*"):
         old.unlink()
-    argv = [EGRESSLOCK, "run", "-p", str(policy), "--audit", str(audit), "--json"]
+    # The checkout holds the venv and the escape scripts; a clone under /tmp would otherwise be
+    # hidden inside the sandbox (sharing a path outside hidden directories changes nothing).
+    argv = [EGRESSLOCK, "run", "-p", str(policy), "--audit", str(audit), "--json",
+            "--share", str(ROOT)]
     for host in UPSTREAM_HOSTS:
         argv += ["--resolve", f"{host}:{UPSTREAM}"]
     argv += list(scenario.get("args", []))
