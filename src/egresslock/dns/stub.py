@@ -60,6 +60,7 @@ from egresslock.dns.wire import (
     type_name,
 )
 from egresslock.errors import InputError
+from egresslock.fdwait import wait_fd
 from egresslock.policy.address import AddressVerdict
 from egresslock.policy.decide import DEFAULT_RULE, Decision, Layer, Request, Verdict
 from egresslock.policy.normalize import IPAddress, normalize_host
@@ -256,18 +257,7 @@ async def _recvfrom(loop: asyncio.AbstractEventLoop, sock: socket.socket
             data, peer = sock.recvfrom(_UDP_READ_SIZE)
             return data, peer
         except (BlockingIOError, InterruptedError):
-            ready: asyncio.Future[None] = loop.create_future()
-            fd = sock.fileno()
-
-            def wake(ready: asyncio.Future[None] = ready) -> None:
-                if not ready.done():
-                    ready.set_result(None)
-
-            loop.add_reader(fd, wake)
-            try:
-                await ready
-            finally:
-                loop.remove_reader(fd)
+            await wait_fd(loop, sock.fileno(), writable=False)
 
 
 class _Exchange:

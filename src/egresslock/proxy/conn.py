@@ -15,6 +15,7 @@ import os
 import socket
 import struct
 
+from egresslock.fdwait import wait_fd
 from egresslock.proxy.http1 import ProtocolError
 
 RECV_SIZE = 1 << 16
@@ -155,27 +156,6 @@ class Conn:
         with contextlib.suppress(OSError):
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.close()
-
-
-async def wait_fd(loop: asyncio.AbstractEventLoop, fd: int, writable: bool) -> None:
-    """Wait until ``fd`` is readable (or writable)."""
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    if writable:
-        loop.add_writer(fd, ready)
-    else:
-        loop.add_reader(fd, ready)
-    try:
-        await fut
-    finally:
-        if writable:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
 
 
 async def open_conn(address: str, port: int, timeout: float) -> Conn:

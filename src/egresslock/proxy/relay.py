@@ -16,7 +16,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from egresslock.proxy.conn import wait_fd
+from egresslock.fdwait import wait_fd
 
 _SPLICE = hasattr(os, "splice")
 _CHUNK = 1 << 18

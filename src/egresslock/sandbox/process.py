@@ -14,6 +14,7 @@ import os
 import signal
 import time
 
+from egresslock.fdwait import wait_fd
 from egresslock.sandbox.syscalls import PR_SET_CHILD_SUBREAPER, prctl
 
 
@@ -30,19 +31,10 @@ def exit_code(status: int) -> int:
 
 async def wait_exit(pid: int) -> int:
     """Wait without a thread or SIGCHLD handler: a pidfd becomes readable when ``pid`` exits."""
-    loop = asyncio.get_running_loop()
     fd = os.pidfd_open(pid)
-    done: asyncio.Future[None] = loop.create_future()
-
-    def exited() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    loop.add_reader(fd, exited)
     try:
-        await done
+        await wait_fd(asyncio.get_running_loop(), fd, writable=False)
     finally:
-        loop.remove_reader(fd)
         os.close(fd)
     _, status = os.waitpid(pid, 0)
     return exit_code(status)
