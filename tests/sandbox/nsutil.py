@@ -10,7 +10,6 @@ Whatever the scenario sends goes nowhere: the namespace holds only ``lo``.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import traceback
@@ -18,27 +17,15 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any
 
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWNET = 0x40000000
-
-
-def _unshare(flags: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(ctypes.c_int(flags)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"unshare: {os.strerror(err)}")
+from egresslock.sandbox.spawn import map_ids
+from egresslock.sandbox.syscalls import CLONE_NEWNET, CLONE_NEWUSER, unshare
 
 
 def enter_namespace() -> None:
     """Move the calling process into a new user + network namespace, mapped to its own ids."""
     uid, gid = os.getuid(), os.getgid()
-    _unshare(CLONE_NEWUSER | CLONE_NEWNET)
-    # user_namespaces(7): an unprivileged process must deny setgroups before writing gid_map.
-    for path, text in (("/proc/self/setgroups", "deny"),
-                       ("/proc/self/uid_map", f"{uid} {uid} 1"),
-                       ("/proc/self/gid_map", f"{gid} {gid} 1")):
-        with open(path, "w", encoding="ascii") as fh:
-            fh.write(text)
+    unshare(CLONE_NEWUSER | CLONE_NEWNET)
+    map_ids(uid, gid)
 
 
 def run_in_namespace(scenario: Callable[[], Any]) -> Any:

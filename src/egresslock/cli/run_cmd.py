@@ -38,7 +38,6 @@ PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "http
 REMOVED_VARIABLES = ("NO_PROXY", "no_proxy", "SSH_AUTH_SOCK")
 CA_IN_SANDBOX = "/run/egresslock/ca.pem"
 BUNDLE_IN_SANDBOX = "/run/egresslock/bundle.pem"
-NOBODY = 65534
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
                      signal.SIGUSR1, signal.SIGUSR2)
 
@@ -61,18 +60,15 @@ def command_environment(base: dict[str, str], proxy_url: str,
 def _identity(user: str | None) -> tuple[int, int]:
     """The uid and gid the command runs as. Never root: as root, --user, else the user sudo
     came from, else nobody."""
-    if os.geteuid() != 0:
-        if user is not None:
-            raise click.BadParameter("only root can choose the user a command runs as",
-                                     param_hint="--user")
-        return os.getuid(), os.getgid()
-    import pwd
+    from egresslock.sandbox.spawn import default_identity
 
     if user is None:
-        sudo_uid = os.environ.get("SUDO_UID", "")
-        if sudo_uid.isdigit() and int(sudo_uid) != 0:
-            return int(sudo_uid), int(os.environ.get("SUDO_GID", sudo_uid))
-        return NOBODY, NOBODY
+        return default_identity()
+    if os.geteuid() != 0:
+        raise click.BadParameter("only root can choose the user a command runs as",
+                                 param_hint="--user")
+    import pwd
+
     try:
         entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
         uid, gid = entry.pw_uid, entry.pw_gid

@@ -28,21 +28,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from egresslock.errors import SandboxError
+from egresslock.sandbox.spawn import default_identity, drop_root, map_ids
 from egresslock.sandbox.syscalls import (
     CLONE_NEWNET,
     CLONE_NEWNS,
     CLONE_NEWUSER,
     MS_PRIVATE,
     MS_REC,
-    PR_SET_DUMPABLE,
     mount,
-    prctl,
     unshare,
 )
 
 NFTABLES_SONAME = "libnftables.so.1"
 SECCOMP_SONAME = "libseccomp.so.2"
-NOBODY = 65534
 _CHILD_TIMEOUT = 2.0  # seconds; the child normally answers in about 20 ms
 
 # What the child applies to its private netns: the two kinds of rule transparent capture needs.
@@ -69,27 +67,13 @@ class Feature:
 Probe = dict[str, tuple[bool, str]]
 
 
-def run_identity() -> tuple[int, int]:
-    """The uid and gid ``egresslock run`` starts the command as when no --user is given.
-
-    Not root: root drops to the user sudo came from, else nobody, before it unshares anything,
-    so that is the user whose namespaces must work.
-    """
-    if os.geteuid() != 0:
-        return os.getuid(), os.getgid()
-    sudo_uid = os.environ.get("SUDO_UID", "")
-    if sudo_uid.isdigit() and int(sudo_uid) != 0:
-        return int(sudo_uid), int(os.environ.get("SUDO_GID", sudo_uid))
-    return NOBODY, NOBODY
-
-
 def check_features(identity: tuple[int, int] | None = None) -> list[Feature]:
     """Every feature the sandbox uses, required ones first. Never raises.
 
     ``identity`` is the (uid, gid) to probe namespaces as when running as root; it defaults to
-    :func:`run_identity`. Without root the probe runs as the caller.
+    :func:`egresslock.sandbox.spawn.default_identity`. Without root the probe runs as the caller.
     """
-    uid, gid = identity if identity is not None else run_identity()
+    uid, gid = identity if identity is not None else default_identity()
     probe = _run_probe_child(uid, gid)
     return [
         _user_namespaces(probe, uid),
@@ -273,7 +257,7 @@ def _child_probe(uid: int, gid: int) -> dict[str, tuple[bool, str]]:
     report: dict[str, tuple[bool, str]] = {}
     try:
         if os.geteuid() == 0:
-            _drop_root(uid, gid)
+            drop_root(uid, gid)
         unshare(CLONE_NEWUSER | CLONE_NEWNET)
     except OSError as exc:
         report["user-namespaces"] = (
@@ -281,7 +265,7 @@ def _child_probe(uid: int, gid: int) -> dict[str, tuple[bool, str]]:
         for name in ("mount-namespace", "nftables-in-namespace", "nflog"):
             report[name] = (False, "not tried: needs a user and network namespace")
     else:
-        _map_ids(uid, gid)
+        map_ids(uid, gid)
         report["user-namespaces"] = (
             True, f"unshare(CLONE_NEWUSER|CLONE_NEWNET) works as uid {uid}")
         report["mount-namespace"] = _try(_mount_namespace)
@@ -296,21 +280,6 @@ def _try(check: Callable[..., tuple[bool, str]], *args: object) -> tuple[bool, s
         return check(*args)
     except Exception as exc:  # the probe reports every failure, never raises
         return False, f"{type(exc).__name__}: {exc}"
-
-
-def _drop_root(uid: int, gid: int) -> None:
-    os.setgroups([])
-    os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
-    # Changing credentials clears "dumpable", which would make /proc/self/uid_map root's.
-    prctl(PR_SET_DUMPABLE, 1)
-
-
-def _map_ids(uid: int, gid: int) -> None:
-    # As egresslock run does: map our own ids, not 0, so nothing is owned by an unmapped id.
-    Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1")
-    Path("/proc/self/setgroups").write_text("deny")
-    Path("/proc/self/gid_map").write_text(f"{gid} {gid} 1")
 
 
 def _mount_namespace() -> tuple[bool, str]:

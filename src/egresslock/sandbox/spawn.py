@@ -56,6 +56,18 @@ DNS_PORT = 53
 NFLOG_GROUP = 7
 
 _EXIT_SETUP_FAILED = 125
+NOBODY = 65534
+
+
+def default_identity() -> tuple[int, int]:
+    """The uid and gid a command runs as when no user is chosen: the caller's own, or, for
+    root, the user sudo came from, else nobody. Never root: a namespace's root may leave it."""
+    if os.geteuid() != 0:
+        return os.getuid(), os.getgid()
+    sudo_uid = os.environ.get("SUDO_UID", "")
+    if sudo_uid.isdigit() and int(sudo_uid) != 0:
+        return int(sudo_uid), int(os.environ.get("SUDO_GID", sudo_uid))
+    return NOBODY, NOBODY
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +192,7 @@ def _reap(pid: int) -> None:
 
 def _child(spec: SandboxSpec, channel: socket.socket) -> None:  # pragma: no cover - in child
     if os.geteuid() == 0:
-        _drop_root(spec.uid, spec.gid)
+        drop_root(spec.uid, spec.gid)
     # The command dies with egresslock: no proxy, no command (and no network anyway).
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     try:
@@ -189,7 +201,7 @@ def _child(spec: SandboxSpec, channel: socket.socket) -> None:  # pragma: no cov
         raise SandboxError(
             f"the kernel refused a user namespace ({exc.strerror}); 'egresslock doctor' says "
             "what to enable. The command was not run.") from exc
-    _map_ids(spec.uid, spec.gid)
+    map_ids(spec.uid, spec.gid)
     roles, socks = _network(spec)
     apply_mounts(spec.mounts, spec.uid, spec.gid)
     os.chdir(spec.cwd)
@@ -213,7 +225,8 @@ def _child(spec: SandboxSpec, channel: socket.socket) -> None:  # pragma: no cov
         raise SandboxError(f"cannot run {spec.argv[0]!r}: {exc.strerror}") from exc
 
 
-def _drop_root(uid: int, gid: int) -> None:  # pragma: no cover - in child
+def drop_root(uid: int, gid: int) -> None:  # pragma: no cover - in child
+    """Become ``uid``/``gid`` before unsharing, still able to write the own id maps."""
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
@@ -222,7 +235,8 @@ def _drop_root(uid: int, gid: int) -> None:  # pragma: no cover - in child
     prctl(PR_SET_DUMPABLE, 1)
 
 
-def _map_ids(uid: int, gid: int) -> None:  # pragma: no cover - in child
+def map_ids(uid: int, gid: int) -> None:  # pragma: no cover - in child
+    """Right after unshare(CLONE_NEWUSER): map only the process's own uid and gid."""
     # The command keeps its own ids inside; uid 0 stays unmapped, so nothing inside is root.
     with open("/proc/self/setgroups", "w") as f:
         f.write("deny")
