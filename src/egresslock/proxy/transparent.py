@@ -34,8 +34,8 @@ from egresslock.policy.normalize import IPAddress
 from egresslock.proxy.conn import Conn
 from egresslock.proxy.context import ProxyContext
 from egresslock.proxy.resolver import ResolveError
-from egresslock.proxy.tls import ClientHello, NotTLS, parse_client_hello
-from egresslock.proxy.tunnel import TunnelDenied, TunnelResult, run_tunnel
+from egresslock.proxy.tls import ClientHello, NotTLS
+from egresslock.proxy.tunnel import TunnelDenied, TunnelResult, read_hello, run_tunnel
 
 NamesFor = Callable[[IPAddress], tuple[str, ...]]
 
@@ -92,14 +92,8 @@ async def sniff(ctx: ProxyContext, client: Conn) -> tuple[str, ClientHello | Non
     first = bytes(client.buf[:16])
     if first[:1] == b"\x16":
         try:
-            async with asyncio.timeout(ctx.limits.hello_timeout):
-                while True:
-                    hello = parse_client_hello(bytes(client.buf))
-                    if hello is not None:
-                        return "tls", hello
-                    if not await client.fill():
-                        return "other", None
-        except (TimeoutError, NotTLS):
+            return "tls", await read_hello(ctx, client, tls_required=True)
+        except NotTLS:
             return "other", None
     if looks_like_http(first):
         return "http", None

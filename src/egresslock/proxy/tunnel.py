@@ -64,13 +64,14 @@ def parse_connect_target(head: RequestHead) -> tuple[str, int]:
     return host, port
 
 
-async def read_hello(ctx: ProxyContext, client: Conn, port: int) -> ClientHello | None:
-    """The ClientHello, or None for a non-TLS protocol on a non-HTTPS port.
+async def read_hello(ctx: ProxyContext, client: Conn, tls_required: bool
+                     ) -> ClientHello | None:
+    """The ClientHello, or None for a non-TLS protocol where TLS is not required.
 
-    On HTTPS ports TLS is required. Elsewhere the client may speak first in another protocol,
-    or wait for the server to speak (SSH, SMTP): a short wait decides which.
+    Where TLS is required (HTTPS ports) anything else raises NotTLS. Elsewhere the client may
+    speak first in another protocol, or wait for the server to speak (SSH, SMTP): a short wait
+    decides which.
     """
-    tls_required = port in HTTPS_PORTS
     wait = ctx.limits.hello_timeout if tls_required else 0.25
     try:
         async with asyncio.timeout(wait):
@@ -133,7 +134,7 @@ async def run_tunnel(ctx: ProxyContext, client: Conn, host: str, port: int, deci
         if reply:
             await client.send(reply)
         try:
-            hello = await read_hello(ctx, client, port)
+            hello = await read_hello(ctx, client, port in HTTPS_PORTS)
         except NotTLS as exc:
             raise TunnelDenied("default", f"non-TLS bytes on HTTPS port {port}: {exc}") from exc
         except OSError as exc:
