@@ -320,6 +320,7 @@ def _start_dns(ctx: ProxyContext, names: object, udp: list[socket.socket],
 def _watch_drops(ctx: ProxyContext, nflog: socket.socket) -> None:
     """Each packet nftables dropped becomes a ``drop`` row: protocol, destination, uid."""
     from egresslock.audit import AuditRecord
+    from egresslock.policy.normalize import join_authority
     from egresslock.sandbox.nflog import NflogError, parse_nflog
 
     def readable() -> None:
@@ -338,9 +339,8 @@ def _watch_drops(ctx: ProxyContext, nflog: socket.socket) -> None:
             except NflogError:
                 continue
             for p in packets:
-                where = p.destination if p.destination_port is None else (
-                    f"[{p.destination}]:{p.destination_port}" if ":" in p.destination
-                    else f"{p.destination}:{p.destination_port}")
+                where = p.destination if p.destination_port is None else \
+                    join_authority(p.destination, p.destination_port)
                 ctx.log(AuditRecord(
                     layer="drop", verdict="deny", rule_id="default",
                     reason=f"{p.protocol} to {where} dropped: the sandbox lets out only TCP "

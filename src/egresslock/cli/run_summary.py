@@ -13,10 +13,14 @@ _TOP = 5
 
 
 def _destination(record: AuditRecord) -> str:
+    # Imported here: the policy package (pydantic) is loaded by then, and `egresslock --help`
+    # must not pay for it.
+    from egresslock.policy.normalize import join_authority
+
     host = record.host or record.address or "?"
     if record.port is None:
         return host
-    return f"[{host}]:{record.port}" if ":" in host else f"{host}:{record.port}"
+    return join_authority(host, record.port)
 
 
 @dataclass

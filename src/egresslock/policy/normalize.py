@@ -284,10 +284,8 @@ class URL:
 
     @property
     def authority(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        if DEFAULT_PORTS.get(self.scheme) == self.port:
-            return host
-        return f"{host}:{self.port}"
+        default = DEFAULT_PORTS.get(self.scheme) == self.port
+        return join_authority(self.host, None if default else self.port)
 
     @property
     def target(self) -> str:
@@ -301,6 +299,13 @@ class URL:
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 _QUERY_RAW = _SEGMENT_RAW | frozenset("/?%")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def join_authority(host: str, port: int | None = None) -> str:
+    """``host[:port]`` with an IPv6 literal in brackets: the inverse of :func:`split_authority`."""
+    if ":" in host:
+        host = f"[{host}]"
+    return host if port is None else f"{host}:{port}"
 
 
 def split_authority(authority: str, default_port: int) -> tuple[str, int]:

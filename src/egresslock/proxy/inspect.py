@@ -16,7 +16,7 @@ from collections.abc import Callable
 from egresslock.audit import AuditRecord
 from egresslock.errors import InputError
 from egresslock.policy import Decision, parse_url
-from egresslock.policy.normalize import IPAddress
+from egresslock.policy.normalize import IPAddress, join_authority
 from egresslock.proxy.conn import Conn
 from egresslock.proxy.context import ProxyContext
 from egresslock.proxy.forward import (
@@ -131,7 +131,7 @@ async def _one(ctx: ProxyContext, head: RequestHead, client: TLSConn, upstream: 
                ) -> tuple[bool, Decision]:
     framing = request_framing(head)
     keep_alive = head.keep_alive and framing.kind == "none"
-    authority = f"[{host}]" if ":" in host else host
+    authority = join_authority(host)
     target = head.target
     if not target.startswith("/"):
         raise Refused(deny_response("default", f"request target {target[:200]!r} inside a "

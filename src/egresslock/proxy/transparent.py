@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from egresslock.errors import InputError
 from egresslock.policy import Decision, Layer, Request, normalize_host
 from egresslock.policy.loader import HTTPS_PORTS
-from egresslock.policy.normalize import IPAddress
+from egresslock.policy.normalize import IPAddress, join_authority
 from egresslock.proxy.conn import Conn
 from egresslock.proxy.context import ProxyContext
 from egresslock.proxy.resolver import ResolveError
@@ -57,8 +57,7 @@ class Destination:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.address}]:{self.port}" if self.address.version == 6 \
-            else f"{self.address}:{self.port}"
+        return join_authority(str(self.address), self.port)
 
 
 def original_destination(sock: socket.socket) -> Destination:
