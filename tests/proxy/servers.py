@@ -3,13 +3,17 @@ by a test CA, and a recorder that counts what reached it."""
 
 from __future__ import annotations
 
+import base64
 import datetime
+import hashlib
 import http.server
+import io
 import json
 import socket
 import socketserver
 import ssl
 import threading
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -279,3 +283,27 @@ def upload_past_refusal(sock: socket.socket, head: bytes, chunks: int = 64,
     except (TimeoutError, ssl.SSLError, OSError) as exc:
         error = error or exc
     return out, error
+
+
+def make_wheel(name: str, version: str, module: str, source: str) -> bytes:
+    """A minimal pure-Python wheel (PEP 427) made by hand, no build backend: one module,
+    METADATA, WHEEL and a true RECORD."""
+    dist_info = f"{name.replace('-', '_')}-{version}.dist-info"
+    files = {
+        f"{module}/__init__.py": source.encode(),
+        f"{dist_info}/METADATA": (f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+                                  f"Summary: egresslock test package\n").encode(),
+        f"{dist_info}/WHEEL": (b"Wheel-Version: 1.0\nGenerator: egresslock-tests\n"
+                               b"Root-Is-Purelib: true\nTag: py3-none-any\n"),
+    }
+    record = []
+    for path, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(data)}")
+    record.append(f"{dist_info}/RECORD,,")
+    files[f"{dist_info}/RECORD"] = ("\n".join(record) + "\n").encode()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path, data in files.items():
+            zf.writestr(zipfile.ZipInfo(path, (2024, 1, 1, 0, 0, 0)), data)
+    return buf.getvalue()

@@ -12,15 +12,12 @@ rule and the reason.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import json
 import os
 import subprocess
 import sys
 import time
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +26,7 @@ import pytest
 
 from tests.conftest import require_tool
 from tests.proxy.conftest import RunningProxy, start_proxy
-from tests.proxy.servers import StaticServer, make_ca, tls_static_server
+from tests.proxy.servers import StaticServer, make_ca, make_wheel, tls_static_server
 
 pytestmark = pytest.mark.integration
 
@@ -71,29 +68,6 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
                GIT_TERMINAL_PROMPT="0", PIP_CONFIG_FILE=os.devnull)
     env.update(extra)
     return env
-
-
-def make_wheel(name: str, version: str, marker: str) -> bytes:
-    """A minimal pure-Python wheel (PEP 427): one module, METADATA, WHEEL and a true RECORD."""
-    dist_info = f"{name}-{version}.dist-info"
-    files = {
-        f"{name}/__init__.py": f"MARKER = {marker!r}\n".encode(),
-        f"{dist_info}/METADATA": (f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
-                                  f"Summary: egresslock test package\n").encode(),
-        f"{dist_info}/WHEEL": (b"Wheel-Version: 1.0\nGenerator: egresslock-tests\n"
-                               b"Root-Is-Purelib: true\nTag: py3-none-any\n"),
-    }
-    record = []
-    for path, data in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        record.append(f"{path},sha256={digest},{len(data)}")
-    record.append(f"{dist_info}/RECORD,,")
-    files[f"{dist_info}/RECORD"] = ("\n".join(record) + "\n").encode()
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for path, data in files.items():
-            zf.writestr(zipfile.ZipInfo(path, (2024, 1, 1, 0, 0, 0)), data)
-    return buf.getvalue()
 
 
 def simple_page(name: str, href: str, data: bytes) -> str:
@@ -167,8 +141,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     root = tmp / "www"
     (root / "files").mkdir(parents=True)
     (root / "private").mkdir()
-    wheel = make_wheel("tinypkg", "1.0", "tiny")
-    secret = make_wheel("secretpkg", "1.0", "secret")
+    wheel = make_wheel("tinypkg", "1.0", "tinypkg", f"MARKER = {'tiny'!r}\n")
+    secret = make_wheel("secretpkg", "1.0", "secretpkg", f"MARKER = {'secret'!r}\n")
     (root / "files" / WHEEL_NAME).write_bytes(wheel)
     (root / "private" / SECRET_WHEEL).write_bytes(secret)
     for name, href, data in [("tinypkg", f"/files/{WHEEL_NAME}", wheel),

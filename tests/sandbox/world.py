@@ -37,7 +37,6 @@ egresslock: the control that shows the recorders do record).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import ctypes
 import hashlib
@@ -54,7 +53,6 @@ import sys
 import tempfile
 import threading
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -290,24 +288,11 @@ class Recorders:
 
 def build_wheel(directory: Path) -> Path:
     """A pure-Python wheel made by hand (no build backend needed): module egl_demo."""
-    dist = f"{PACKAGE.replace('-', '_')}-{PACKAGE_VERSION}"
-    files = {
-        "egl_demo/__init__.py": b"MESSAGE = 'installed through egresslock'\n",
-        f"{dist}.dist-info/METADATA": (f"Metadata-Version: 2.1\nName: {PACKAGE}\n"
-                                       f"Version: {PACKAGE_VERSION}\n").encode(),
-        f"{dist}.dist-info/WHEEL": (b"Wheel-Version: 1.0\nGenerator: egresslock-tests\n"
-                                    b"Root-Is-Purelib: true\nTag: py3-none-any\n"),
-    }
-    record = []
-    for name, data in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        record.append(f"{name},sha256={digest},{len(data)}")
-    record.append(f"{dist}.dist-info/RECORD,,")
-    files[f"{dist}.dist-info/RECORD"] = ("\n".join(record) + "\n").encode()
-    path = directory / f"{dist}-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w") as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
+    from tests.proxy.servers import make_wheel
+
+    path = directory / f"{PACKAGE.replace('-', '_')}-{PACKAGE_VERSION}-py3-none-any.whl"
+    path.write_bytes(make_wheel(PACKAGE, PACKAGE_VERSION, "egl_demo",
+                                "MESSAGE = 'installed through egresslock'\n"))
     return path
 
 
