@@ -25,6 +25,7 @@ from egresslock.cli.proxy_cmd import _minter, _run, raise_fd_limit
 from egresslock.cli.run_summary import RunSummary
 
 if TYPE_CHECKING:
+    from egresslock.dns.names import NameBook
     from egresslock.policy.model import Policy
     from egresslock.policy.normalize import IPAddress
     from egresslock.proxy.context import ProxyContext
@@ -299,12 +300,10 @@ def _terminal_delivers_sigint() -> bool:
         return False
 
 
-def _start_dns(ctx: ProxyContext, names: object, udp: list[socket.socket],
+def _start_dns(ctx: ProxyContext, names: NameBook, udp: list[socket.socket],
                tcp: list[socket.socket]) -> list[asyncio.Task[None]]:
-    from egresslock.dns.names import NameBook
     from egresslock.dns.stub import DnsStub
 
-    assert isinstance(names, NameBook)
     policy = ctx.policy.current
 
     async def resolve(name: str) -> tuple[IPAddress, ...]:

@@ -139,8 +139,7 @@ def spawn(spec: SandboxSpec, *, on_child: Callable[[], None] | None = None) -> S
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
-        return f"{exc.strerror or exc} ({exc.filename or 'errno ' + str(exc.errno)})" \
-            if exc.filename else str(exc)
+        return f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc)
     return f"{type(exc).__name__}: {exc}"
 
 
