@@ -189,8 +189,10 @@ def _duplicate_names(data: dict[str, Any], doc: _Document) -> list[PolicyProblem
 
 
 def _inspect_problems(rule: Rule, index: int, doc: _Document) -> list[PolicyProblem]:
-    if rule.action == "deny" and (rule.query != "allow" or rule.max_body_bytes is not None):
-        key = "query" if rule.query != "allow" else "max_body_bytes"
+    allow_only = [k for k in ("query", "max_body_bytes", *rule.transform_keys(), "budget")
+                  if k in rule.model_fields_set]
+    if rule.action == "deny" and allow_only:
+        key = allow_only[0]
         loc: Loc = ("rules", index, key)
         return [PolicyProblem(
             doc.filename, _line(doc, loc), format_loc(loc),

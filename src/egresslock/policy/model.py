@@ -13,7 +13,16 @@ import ipaddress
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from egresslock.errors import InputError
 from egresslock.policy.glob import parse_host_pattern, parse_path_pattern
@@ -23,6 +32,15 @@ _METHOD = re.compile(r"^[A-Z][A-Z0-9-]{0,31}$")
 _HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 _UPGRADE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,31}$")
 _ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_PERIOD = re.compile(r"^([1-9][0-9]*)([smhd])$")
+_PERIOD_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_POINTER = re.compile(r"^(/([^/~]|~[01])*)+$")
+
+# The detectors of well-known credential shapes (egresslock.content.detectors), each on by default.
+DETECTORS = ("aws", "github", "slack", "private_key", "jwt", "connection_string")
 
 
 class _Strict(BaseModel):
@@ -79,12 +97,112 @@ def _check_upgrade(value: str) -> str:
     return value.lower()
 
 
+def parse_size(value: int | str) -> int:
+    """Bytes from ``1048576``, ``"512KB"``, ``"1 MiB"``, ``"2.5GB"``; ValueError names the value."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"size {value} must not be negative")
+        return value
+    m = _SIZE.match(value) if isinstance(value, str) else None
+    if m is None:
+        raise ValueError(f"size {value!r} must be a number of bytes or a number with a unit "
+                         "(B, KB, MB, GB, KiB, MiB, GiB), like 1048576 or '1MiB'")
+    return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
+
+
+def parse_period(value: str) -> float | None:
+    """Seconds of a budget window ('30s', '1m', '1h', '1d'), or None for 'run'."""
+    if value == "run":
+        return None
+    m = _PERIOD.match(value)
+    if m is None:
+        raise ValueError(f"per {value!r} must be 'run' or a duration like '30s', '1m', '1h' "
+                         "or '1d'")
+    return float(int(m.group(1)) * _PERIOD_SECONDS[m.group(2)])
+
+
+def _check_size(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"size must be a number of bytes or a string like '1MiB' "
+                         f"(got {value!r})")
+    return parse_size(value)
+
+
+def _check_period(value: str) -> str:
+    parse_period(value)
+    return value
+
+
+def _check_pointer(value: str) -> str:
+    if not _POINTER.match(value):
+        raise ValueError(f"{value!r} is not a JSON pointer: write '/key/0/name' (RFC 6901; "
+                         "'~1' for '/', '~0' for '~', '*' for every member or element)")
+    return value
+
+
 HostPatternStr = Annotated[str, AfterValidator(_check_host)]
 UpgradeStr = Annotated[str, AfterValidator(_check_upgrade)]
 PathPatternStr = Annotated[str, AfterValidator(_check_path)]
 MethodStr = Annotated[str, AfterValidator(_check_method)]
 CIDRStr = Annotated[str, AfterValidator(_check_cidr)]
 HeaderStr = Annotated[str, AfterValidator(_check_header)]
+SizeValue = Annotated[int, BeforeValidator(_check_size), WithJsonSchema({
+    "anyOf": [{"type": "integer", "minimum": 0},
+              {"type": "string", "pattern": _SIZE.pattern}],
+    "description": "Bytes, or a number with a unit: '512KB', '1MiB'."})]
+PeriodStr = Annotated[str, AfterValidator(_check_period)]
+PointerStr = Annotated[str, AfterValidator(_check_pointer)]
+
+
+class HeaderTransform(_Strict):
+    """Which request headers reach the destination: only ``allow``, or all but ``strip``.
+
+    In both forms Cookie and Authorization are removed unless ``allow`` names them; headers that
+    the proxy itself writes (Host, framing, a credential it inserts) are never touched.
+    """
+
+    allow: list[HeaderStr] | None = Field(
+        default=None, description="Only these request headers are sent; the rest are removed.")
+    strip: list[HeaderStr] | None = Field(
+        default=None, description="These request headers are removed (and Cookie and "
+        "Authorization always).")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> HeaderTransform:
+        if (self.allow is None) == (self.strip is None):
+            raise ValueError("headers must have exactly one of allow or strip, like "
+                             "{allow: [Accept, Content-Type]} or {strip: [User-Agent]}")
+        return self
+
+
+class Budget(_Strict):
+    """How much a rule (or the whole run) may send: requests and request bytes per window."""
+
+    requests: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="Requests (or tunnels) allowed per window.")
+    bytes_out: SizeValue | None = Field(
+        default=None, description="Request bytes (target, headers and body) allowed per "
+        "window: a number or a size like '1MiB'.")
+    per: PeriodStr = Field(
+        default="run", description="'run' (the whole run or proxy lifetime) or a sliding "
+        "window like '1m', '1h'.")
+
+    @model_validator(mode="after")
+    def _something(self) -> Budget:
+        if self.requests is None and self.bytes_out is None:
+            raise ValueError("budget must set requests, bytes_out or both, like "
+                             "{requests: 100, per: 1m}")
+        return self
+
+
+class DynamicLinkLimits(_Strict):
+    """Thresholds of the dynamic-link detector (see docs/content.md)."""
+
+    max_data_bytes: Annotated[int, Field(ge=0)] = Field(
+        default=32, description="Most bytes of encoded-looking data (hex, base64, random "
+        "tokens) one URL may carry in its path, query and wildcard labels.")
+    min_token_len: Annotated[int, Field(ge=8, le=256)] = Field(
+        default=16, description="Shortest run of characters judged as possible data.")
 
 
 class QueryLimits(_Strict):
@@ -134,6 +252,22 @@ class Rule(_Strict):
     action: Literal["allow", "deny"] = Field(
         default="allow", description="allow or deny; a matching deny always wins."
     )
+    headers: HeaderTransform | None = Field(
+        default=None, description="{allow: [...]} or {strip: [...]}: request headers sent.")
+    hash_query: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None, description="Query parameters whose values are replaced by a keyed "
+        "HMAC: the receiver can correlate them, not read them.")
+    hash_json: list[PointerStr] | None = Field(
+        default=None, description="JSON pointers into the request body whose values are "
+        "replaced by a keyed HMAC.")
+    redact_json: list[PointerStr] | None = Field(
+        default=None, description="JSON pointers into the request body whose values are "
+        "replaced by '[redacted]'.")
+    dynamic_links: Literal["deny", "allow"] | DynamicLinkLimits = Field(
+        default="deny", description="deny (default): refuse URLs whose path, query or "
+        "wildcard labels carry data; allow; or thresholds {max_data_bytes: N}.")
+    budget: Budget | None = Field(
+        default=None, description="{requests: N, bytes_out: SIZE, per: 1m|run}.")
 
     @field_validator("id")
     @classmethod
@@ -155,6 +289,19 @@ class Rule(_Strict):
             f"max_value_len: 64}} (got {value!r})"
         )
 
+    @field_validator("dynamic_links", mode="before")
+    @classmethod
+    def _dynamic(cls, value: object) -> object:
+        if isinstance(value, dict) or value in ("allow", "deny"):
+            return value
+        raise ValueError(f"dynamic_links must be 'deny', 'allow' or a mapping like "
+                         f"{{max_data_bytes: 64}} (got {value!r})")
+
+    def transform_keys(self) -> list[str]:
+        """The keys that change requests; each needs the proxy to see inside them."""
+        return [k for k in ("headers", "hash_query", "hash_json", "redact_json")
+                if getattr(self, k) is not None]
+
     @property
     def constrains_requests(self) -> bool:
         """True when the rule looks inside requests (needs HTTP, or inspection for HTTPS)."""
@@ -163,6 +310,7 @@ class Rule(_Strict):
             or self.paths is not None
             or self.query != "allow"
             or self.max_body_bytes is not None
+            or bool(self.transform_keys())
         )
 
     def constrained_keys(self) -> list[str]:
@@ -175,7 +323,7 @@ class Rule(_Strict):
             keys.append("query")
         if self.max_body_bytes is not None:
             keys.append("max_body_bytes")
-        return keys
+        return keys + self.transform_keys()
 
 
 class Network(_Strict):
@@ -215,22 +363,60 @@ class Secret(_Strict):
 class Credential(_Strict):
     """A credential the agent sees only as a placeholder; the proxy inserts the real value."""
 
-    name: str = Field(min_length=1)
-    env: str | None = None
-    value: str | None = None
-    file: str | None = None
-    hosts: list[HostPatternStr] = Field(min_length=1)
-    headers: list[HeaderStr] = Field(min_length=1)
+    name: str = Field(min_length=1, description="The environment variable that holds the "
+                      "placeholder inside the sandbox.")
+    env: str | None = Field(default=None, description="Where the real value is: an "
+                            "environment variable of egresslock (removed from the sandbox)...")
+    value: str | None = Field(default=None, description="...the value itself...")
+    file: str | None = Field(default=None, description="...or a file (hidden behind a "
+                             "placeholder file inside the sandbox).")
+    hosts: list[HostPatternStr] = Field(
+        min_length=1, description="Hosts whose requests get the real value.")
+    headers: list[HeaderStr] = Field(
+        min_length=1, description="Request headers in which the placeholder is replaced.")
 
     @model_validator(mode="after")
     def _one_source(self) -> Credential:
+        if not _ENV.match(self.name):
+            raise ValueError(f"credential name {self.name!r} must be an environment variable "
+                             "name (letters, digits, '_'), like GITHUB_TOKEN: the sandbox "
+                             "gets the placeholder in that variable")
         given = [k for k in ("value", "env", "file") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
                 f"credential {self.name!r} must have exactly one of value, env or file "
                 f"(has {', '.join(given) or 'none'})"
             )
+        if self.env is not None and not _ENV.match(self.env):
+            raise ValueError(f"env {self.env!r} is not an environment variable name")
         return self
+
+
+class Detectors(_Strict):
+    """Built-in detectors of well-known credential shapes; each is on unless set to false."""
+
+    aws: bool = Field(default=True, description="AWS access key ids (AKIA..., ASIA...) and "
+                      "aws_secret_access_key assignments.")
+    github: bool = Field(default=True, description="GitHub tokens (ghp_, gho_, ghu_, ghs_, "
+                         "ghr_, github_pat_).")
+    slack: bool = Field(default=True, description="Slack tokens (xoxb-, xoxp-, ...) and "
+                        "incoming-webhook URLs.")
+    private_key: bool = Field(default=True, description="PEM private-key blocks.")
+    jwt: bool = Field(default=True, description="JSON Web Tokens (eyJ...eyJ...sig).")
+    connection_string: bool = Field(default=True, description="Database URLs with a password "
+                                    "and Azure storage/service-bus connection strings.")
+
+
+class Content(_Strict):
+    """How request content is scanned: detectors, decompression and dynamic-link limits."""
+
+    detectors: Detectors = Field(default_factory=Detectors)
+    max_decoded_bytes: SizeValue = Field(
+        default=64 * 2**20, description="Largest decompressed size of a gzip/deflate/br "
+        "request body; a body that expands past it is denied (decompression bomb).")
+    dynamic_links: DynamicLinkLimits = Field(
+        default_factory=DynamicLinkLimits, description="Default thresholds of the "
+        "dynamic-link detector for rules with dynamic_links: deny.")
 
 
 class OutputTarget(_Strict):
@@ -269,6 +455,9 @@ class Policy(_Strict):
     secrets: list[Secret] = Field(default_factory=list)
     credentials: list[Credential] = Field(default_factory=list)
     output: Output = Field(default_factory=Output)
+    content: Content = Field(default_factory=Content)
+    budget: Budget | None = Field(
+        default=None, description="A budget for the whole run, over every rule.")
 
     @field_validator("version", mode="before")
     @classmethod
