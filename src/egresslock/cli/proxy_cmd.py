@@ -75,7 +75,9 @@ def proxy(policy_file: Path, listen: str, audit_path: Path | None, resolve: tupl
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--resolve") from exc
     host, port = parse_listen(listen)
-    holder = PolicyHolder.from_file(policy_file)
+    holder = PolicyHolder.from_file(policy_file, key_dir=ca_dir)
+    for warning in holder.content.warnings:
+        click.echo(f"egresslock: warning: {warning}", err=True)
     limits = Limits(max_connections=max_connections, connect_timeout=connect_timeout,
                     head_timeout=head_timeout, idle_timeout=idle_timeout,
                     tunnel_idle_timeout=tunnel_idle_timeout)

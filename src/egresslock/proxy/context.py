@@ -20,6 +20,8 @@ from egresslock.proxy.conn import Conn
 from egresslock.proxy.resolver import Resolver
 
 if TYPE_CHECKING:
+    from egresslock.content.engine import ContentPolicy
+
     # Loaded only when used: cryptography and prometheus_client cost a wrapped tool call
     # (egresslock run) tens of milliseconds of start-up it mostly does not need.
     from egresslock.proxy.ca import LeafMinter
@@ -42,20 +44,36 @@ class Limits:
     pool_per_host: int = 32
 
 
+def build_content(compiled: CompiledPolicy, key_dir: Path | None,
+                  previous: ContentPolicy | None = None) -> ContentPolicy:
+    """The content checks of ``compiled`` (secrets read from this process's environment and
+    files); budgets already spent under ``previous`` carry over to rules that kept them."""
+    from egresslock.content.engine import ContentPolicy, key_loader
+
+    content = ContentPolicy(compiled.source, key=key_loader(key_dir))
+    if previous is not None:
+        content.adopt_meters(previous)
+    return content
+
+
 class PolicyHolder:
-    """The current compiled policy and the file it came from; ``reload`` is all-or-nothing."""
+    """The current compiled policy, its content checks and the file it came from; ``reload``
+    is all-or-nothing: both are built before either replaces the old one."""
 
-    __slots__ = ("current", "loaded_at", "mtime", "path")
+    __slots__ = ("content", "current", "key_dir", "loaded_at", "mtime", "path")
 
-    def __init__(self, path: str | Path | None, compiled: CompiledPolicy) -> None:
+    def __init__(self, path: str | Path | None, compiled: CompiledPolicy,
+                 key_dir: Path | None = None) -> None:
         self.path = Path(path) if path is not None else None
+        self.key_dir = key_dir
         self.current = compiled
+        self.content = build_content(compiled, key_dir)
         self.loaded_at = time.time()
         self.mtime = self._stat()
 
     @classmethod
-    def from_file(cls, path: str | Path) -> PolicyHolder:
-        return cls(path, compile_policy(load_policy(path)))
+    def from_file(cls, path: str | Path, key_dir: Path | None = None) -> PolicyHolder:
+        return cls(path, compile_policy(load_policy(path)), key_dir)
 
     def _stat(self) -> float:
         try:
@@ -74,7 +92,9 @@ class PolicyHolder:
         if self.path is None:
             return
         self.mtime = self._stat()
-        self.current = compile_policy(load_policy(self.path))
+        compiled = compile_policy(load_policy(self.path))
+        content = build_content(compiled, self.key_dir, self.content)
+        self.current, self.content = compiled, content
         self.loaded_at = time.time()
 
 
@@ -122,6 +142,10 @@ class ProxyContext:
         if self._upstream_tls is None:
             self._upstream_tls = upstream_context(self.upstream_ca)
         return self._upstream_tls
+
+    @property
+    def content(self) -> ContentPolicy:
+        return self.policy.content
 
     def decide(self, request: Request) -> Decision:
         if self.metrics is None:

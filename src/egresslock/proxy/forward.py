@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from egresslock.audit import AuditRecord
 from egresslock.errors import InputError
@@ -39,6 +40,10 @@ from egresslock.proxy.http1 import (
     strip_hop_by_hop,
 )
 from egresslock.proxy.resolver import ResolveError
+
+if TYPE_CHECKING:
+    from egresslock.content.credentials import Binding
+    from egresslock.content.engine import BodyFilter, Prepared
 
 _BODY_CHUNK = 1 << 18
 
@@ -82,6 +87,7 @@ class Exchange:
     bytes_in: int = 0
     status: int = 0
     cut_reason: str | None = None  # why an allowed exchange was cut short (a limit hit)
+    prepared: Prepared | None = None  # what the content checks changed or reported
 
 
 def request_for(head: RequestHead, url: URL, framing: Framing,
@@ -137,7 +143,28 @@ def decision_row(ex: Exchange, head: RequestHead, decision: Decision) -> AuditRe
     """The audit row of a request that was decided and forwarded (or cut short by a limit)."""
     if ex.cut_reason is not None:
         return audit_row(ex, head, "http", "deny", decision.rule_id, ex.cut_reason)
+    if ex.prepared is not None and ex.prepared.reported:
+        return audit_row(ex, head, "http", "report", decision.rule_id,
+                         f"report mode, enforce would deny: {ex.prepared.reported[0]}")
     return audit_row(ex, head, "http", decision.verdict.value, decision.rule_id, decision.reason)
+
+
+def content_refused(rule_id: str, reason: str, keep_alive: bool) -> Refused:
+    return Refused(deny_response(rule_id, reason, close=not keep_alive), "deny", rule_id,
+                   reason, keep_alive)
+
+
+def prepare_content(ctx: ProxyContext, decision: Decision, url: URL, head: RequestHead,
+                    framing: Framing, keep_alive: bool) -> Prepared:
+    """Run the content checks and transforms of a readable request (plain or inspected)."""
+    from egresslock.content.engine import ContentRefusal
+
+    try:
+        return ctx.content.prepare(decision.rule_id, url.host, url.path, url.query,
+                                   head.headers, head.get(b"content-encoding"),
+                                   framing.kind != "none")
+    except ContentRefusal as exc:
+        raise content_refused(exc.rule_id, exc.reason, keep_alive) from exc
 
 
 async def resolve_and_decide(ctx: ProxyContext, request: Request, keep_alive: bool
@@ -146,6 +173,10 @@ async def resolve_and_decide(ctx: ProxyContext, request: Request, keep_alive: bo
     decision = ctx.decide(request)
     if not decision.allowed:
         raise denied(decision, keep_alive)
+    # Before any lookup: a name whose labels carry a secret or data must not reach a resolver.
+    why = ctx.content.check_name(request.host, decision.rule_id)
+    if why is not None:
+        raise content_refused(decision.rule_id, why, keep_alive)
     try:
         addresses = await ctx.resolver.resolve(request.host, request.port)
     except ResolveError as exc:
@@ -202,6 +233,7 @@ async def handle_request(ctx: ProxyContext, head: RequestHead, client: Conn,
     check_host_header(head, url)
     request = request_for(head, url, framing, ())
     decision, addresses = await resolve_and_decide(ctx, request, keep_alive)
+    ex.prepared = prepare_content(ctx, decision, url, head, framing, keep_alive)
     if (head.get(b"expect") or b"").lower() == b"100-continue" and framing.kind != "none":
         await client.send(b"HTTP/1.1 100 Continue\r\n\r\n")
     for attempt in (1, 2):
@@ -236,25 +268,59 @@ async def _upstream(ctx: ProxyContext, addresses: tuple[IPAddress, ...], port: i
     return conn, dialled, False
 
 
-def _upstream_head(head: RequestHead, url: URL, framing: Framing) -> bytes:
+def _upstream_head(head: RequestHead, url: URL, framing: Framing,
+                   prepared: Prepared | None) -> bytes:
+    """The request head sent upstream: rebuilt from the checked URL (and what the content
+    transforms made of target and headers), never copied from the client."""
     headers: Headers = [(b"Host", url.authority.encode("ascii"))]
-    for name, value in strip_hop_by_hop(head.headers):
+    source = prepared.headers if prepared is not None else head.headers
+    for name, value in strip_hop_by_hop(source):
         low = name.lower()
-        if low in (b"host", b"expect"):
+        if low in (b"host", b"expect") or (low == b"content-length"
+                                             and framing.kind != "length"):
             continue
-        headers.append((name, value))
+        headers.append((name, str(framing.length).encode("ascii")
+                        if low == b"content-length" else value))
     if framing.kind == "chunked":
         headers.append((b"Transfer-Encoding", b"chunked"))
+    elif framing.kind == "length" and not any(n.lower() == b"content-length"
+                                              for n, _ in headers):
+        headers.append((b"Content-Length", str(framing.length).encode("ascii")))
     upgrade = head.get(b"upgrade")
     if head.upgrade and upgrade is not None:  # decided already: the rule allows this protocol
         headers += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade)]
+    target = prepared.target if prepared is not None else url.target
     return b"%s %s HTTP/1.1\r\n%s\r\n" % (
-        head.method.encode("ascii"), url.target.encode("ascii"), serialize_headers(headers))
+        head.method.encode("ascii"), target.encode("ascii"), serialize_headers(headers))
 
 
-async def _send_body(ctx: ProxyContext, client: Conn, upstream: Conn, framing: Framing,
-                     decision: Decision, ex: Exchange) -> None:
+def _filter(body: BodyFilter | None, data: bytes, final: bool = False) -> bytes:
+    """``data`` through the content filter (or the filter's rest when ``final``); a content
+    refusal in the middle of a body ends the exchange and the client connection."""
+    if body is None:
+        return b"" if final else data
+    from egresslock.content.engine import ContentRefusal
+
+    try:
+        return body.finish() if final else body.feed(data)
+    except ContentRefusal as exc:
+        raise content_refused(exc.rule_id, exc.reason, keep_alive=False) from exc
+
+
+async def _send_body(ctx: ProxyContext, client: Conn, upstream: Conn | None,
+                     framing: Framing, decision: Decision, ex: Exchange) -> bytes:
+    """Relay the request body through the content filter. With ``upstream`` None the body is
+    only read and filtered, and what the filter released is returned (a transformed body)."""
     limit = decision.body_limit
+    body = ex.prepared.body if ex.prepared is not None else None
+    kept: list[bytes] = []
+
+    async def send(data: bytes) -> None:
+        if upstream is None:
+            kept.append(data)
+        elif data:
+            await upstream.send(data)
+
     if framing.kind == "length":
         remaining = framing.length
         while remaining:
@@ -264,10 +330,11 @@ async def _send_body(ctx: ProxyContext, client: Conn, upstream: Conn, framing: F
                 raise ProtocolError("client closed the connection inside the request body")
             remaining -= len(data)
             ex.bytes_out += len(data)
-            await upstream.send(data)
-        return
+            await send(_filter(body, data))
+        await send(_filter(body, b"", final=True))
+        return b"".join(kept)
     if framing.kind != "chunked":
-        return
+        return b""
     decoder = ChunkedDecoder()
     while not decoder.done:
         async with asyncio.timeout(ctx.limits.body_timeout):
@@ -282,11 +349,18 @@ async def _send_body(ctx: ProxyContext, client: Conn, upstream: Conn, framing: F
             raise Refused(deny_response(decision.rule_id, reason, close=True), "deny",
                           decision.rule_id, reason)
         ex.bytes_out += size
-        if chunks:
-            await upstream.send(b"".join(encode_chunk(c) for c in chunks if c))
+        released = [_filter(body, c) for c in chunks if c]
+        if upstream is None:
+            kept.extend(released)
+        elif any(released):
+            await upstream.send(b"".join(encode_chunk(c) for c in released if c))
     # Bytes after the body belong to the client's next (pipelined) request.
     client.buf[:0] = decoder.leftover()
-    await upstream.send(LAST_CHUNK)
+    rest = _filter(body, b"", final=True)
+    if upstream is None:
+        return b"".join(kept) + rest
+    await upstream.send((encode_chunk(rest) if rest else b"") + LAST_CHUNK)
+    return b""
 
 
 async def exchange(ctx: ProxyContext, head: RequestHead, url: URL, framing: Framing,
@@ -294,13 +368,20 @@ async def exchange(ctx: ProxyContext, head: RequestHead, url: URL, framing: Fram
                     retryable: bool, pool: bool = True) -> bool:
     """Send one decided request upstream and relay its response. True when both sides may
     carry another request; ``pool`` returns the upstream connection to the shared pool."""
+    prepared = ex.prepared
+    whole = b""
+    if prepared is not None and prepared.body is not None and prepared.body.whole:
+        # A transformed body changes length: read and transform it before the head is sent.
+        whole = await _send_body(ctx, client, None, framing, decision, ex)
+        framing = dataclasses.replace(framing, kind="length", length=len(whole))
     try:
-        await upstream.send(_upstream_head(head, url, framing))
+        await upstream.send(_upstream_head(head, url, framing, prepared) + whole)
     except OSError as exc:
         if retryable:
             raise _Stale from exc
         raise upstream_failed(502, decision, f"upstream {ex.address}: {exc}") from exc
-    await _send_body(ctx, client, upstream, framing, decision, ex)
+    if not whole:
+        await _send_body(ctx, client, upstream, framing, decision, ex)
     resp = await _final_response_head(ctx, upstream, decision, ex, retryable)
     if resp.status == 101:
         if not head.upgrade:
@@ -322,8 +403,12 @@ async def exchange(ctx: ProxyContext, head: RequestHead, url: URL, framing: Fram
     if not keep or not head.keep_alive:
         headers.append((b"Connection", b"close"))
     ex.status = resp.status
+    redact = prepared.redact if prepared is not None else ()
+    if redact:
+        headers = [(n, _redact_all(redact, v)) for n, v in headers]
     out = _Out(client, b"HTTP/1.1 %d %s\r\n%s\r\n" % (resp.status, resp.reason,
-                                                       serialize_headers(headers)))
+                                                       serialize_headers(headers)),
+               redact)
     try:
         complete = await _relay_response(ctx, upstream, out, rframing, ex)
     finally:
@@ -403,20 +488,51 @@ async def relay_upgraded(ctx: ProxyContext, client: Conn, upstream: Conn, decisi
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _redact_all(bindings: tuple[Binding, ...], data: bytes) -> bytes:
+    for b in bindings:
+        data = b.redact(data)
+    return data
+
+
 class _Out:
     """The client side of a response: the head waits to leave with the first body bytes, so a
-    small response is one send and one packet, not two."""
+    small response is one send and one packet, not two.
 
-    __slots__ = ("conn", "pending")
+    With ``redact`` set (a response from a host that was sent a real credential), the body
+    passes a :class:`~egresslock.content.credentials.Redactor`, which holds back the last
+    bytes of each piece until the next shows they do not begin the real value.
+    """
 
-    def __init__(self, conn: Conn, head: bytes) -> None:
+    __slots__ = ("conn", "pending", "redactor")
+
+    def __init__(self, conn: Conn, head: bytes, redact: tuple[Binding, ...] = ()) -> None:
         self.conn = conn
         self.pending = head
+        if redact:
+            from egresslock.content.credentials import Redactor
 
-    async def send(self, data: bytes) -> None:
+            self.redactor: Redactor | None = Redactor(redact)
+        else:
+            self.redactor = None
+
+    async def send(self, data: bytes, chunked: bool = False) -> None:
+        if self.redactor is not None:
+            data = self.redactor.feed(data)
+            if chunked:
+                data = encode_chunk(data) if data else b""
+        elif chunked:
+            data = encode_chunk(data)
         if self.pending:
             data, self.pending = self.pending + data, b""
-        await self.conn.send(data)
+        if data:
+            await self.conn.send(data)
+
+    async def end_body(self, chunked: bool = False) -> None:
+        """The redactor's held-back bytes (a chunk of them when ``chunked``)."""
+        if self.redactor is not None:
+            rest = self.redactor.finish()
+            if rest:
+                await self.conn.send(encode_chunk(rest) if chunked else rest)
 
     async def flush(self) -> None:
         if self.pending:
@@ -443,12 +559,14 @@ async def _relay_response(ctx: ProxyContext, upstream: Conn, client: _Out, frami
             remaining -= len(data)
             ex.bytes_in += len(data)
             await client.send(data)
+        await client.end_body()
         return True
     if framing.kind == "close":
         while True:
             async with asyncio.timeout(timeout):
                 data = await upstream.read_some(_BODY_CHUNK)
             if not data:
+                await client.end_body()
                 return False
             ex.bytes_in += len(data)
             await client.send(data)
@@ -461,7 +579,8 @@ async def _relay_response(ctx: ProxyContext, upstream: Conn, client: _Out, frami
         chunks = [c for c in decoder.feed(data) if c]
         ex.bytes_in += sum(len(c) for c in chunks)
         if chunks:
-            await client.send(b"".join(encode_chunk(c) for c in chunks))
+            await client.send(b"".join(chunks), chunked=True)
+    await client.end_body(chunked=True)
     await client.send(LAST_CHUNK)
     # Bytes after the last chunk were never asked for: do not reuse that connection.
     return not decoder.leftover()
@@ -470,12 +589,15 @@ async def _relay_response(ctx: ProxyContext, upstream: Conn, client: _Out, frami
 def audit_row(ex: Exchange, head: RequestHead | None, layer: str, verdict: str, rule_id: str,
               reason: str) -> AuditRecord:
     url = ex.url
-    extra = {"status": ex.status} if ex.status else None
+    extra: dict[str, object] = {"status": ex.status} if ex.status else {}
+    note = ex.prepared.note() if ex.prepared is not None else None
+    if note:
+        extra.update(note)
     return AuditRecord(
         layer=layer, verdict=verdict, rule_id=rule_id, reason=reason,
         method=head.method if head else None,
         host=url.host if url else None, port=url.port if url else None,
         path=url.target if url else (head.target[:2048] if head else None),
         address=ex.address, bytes_out=ex.bytes_out, bytes_in=ex.bytes_in, protocol="tcp",
-        extra=extra,
+        extra=extra or None,
     )

@@ -27,6 +27,7 @@ from egresslock.proxy.forward import (
     dial,
     exchange,
     host_header_problem,
+    prepare_content,
     request_for,
     upstream_failed,
 )
@@ -154,6 +155,7 @@ async def _one(ctx: ProxyContext, head: RequestHead, client: TLSConn, upstream: 
     if not decision.allowed:
         raise Refused(deny_response(decision.rule_id, decision.reason, not keep_alive), "deny",
                       decision.rule_id, decision.reason, keep_alive)
+    ex.prepared = prepare_content(ctx, decision, url, head, framing, keep_alive)
     if (head.get(b"expect") or b"").lower() == b"100-continue" and framing.kind != "none":
         await client.send(b"HTTP/1.1 100 Continue\r\n\r\n")
     tls = await upstream.get(decision)

@@ -123,11 +123,9 @@ async def run_tunnel(ctx: ProxyContext, client: Conn, host: str, port: int, deci
                      ) -> Decision:
     """Dial a decided tunnel, send ``reply`` (CONNECT's 200; nothing when transparent), check
     the ClientHello against ``host``, then inspect or relay until either side ends."""
-    if decision.inspect and ctx.minter is None:
-        reason = (f"rule {decision.rule_id} needs TLS inspection (inspect: true), but the proxy "
-                  "has no CA; create one with 'egresslock ca init' and restart the proxy")
-        raise Refused(deny_response(decision.rule_id, reason, True), "deny", decision.rule_id,
-                      reason)
+    why = _refusal_before_dial(ctx, host, decision)
+    if why is not None:
+        raise Refused(deny_response(decision.rule_id, why, True), "deny", decision.rule_id, why)
     upstream, address = await dial(ctx, addresses, port, decision)
     result.address = address
     try:
@@ -171,6 +169,17 @@ async def run_tunnel(ctx: ProxyContext, client: Conn, host: str, port: int, deci
     finally:
         upstream.close()
     return decision
+
+
+def _refusal_before_dial(ctx: ProxyContext, host: str, decision: Decision) -> str | None:
+    if decision.inspect and ctx.minter is None:
+        return (f"rule {decision.rule_id} needs TLS inspection (inspect: true), but the proxy "
+                "has no CA; create one with 'egresslock ca init' and restart the proxy")
+    why = ctx.content.check_name(host, decision.rule_id)
+    if why is None and not decision.inspect:
+        # A tunnel the proxy cannot see into counts as one request against the budgets.
+        why = ctx.content.admit_tunnel(decision.rule_id)
+    return why
 
 
 class TunnelDenied(Exception):
