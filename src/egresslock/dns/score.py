@@ -29,6 +29,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from egresslock.content.encodings import aligned
+
 # Encoded fragments shorter than this match ordinary names by chance ("cafe" is hex).
 _MIN_FRAGMENT = 6
 _HEX = frozenset("0123456789abcdef")
@@ -64,17 +66,9 @@ def _clip(x: float) -> float:
 
 
 def _aligned(secret: bytes, encode: Callable[[bytes], str], bits: int, group: int) -> list[str]:
-    """The parts of ``encode(secret)`` that do not depend on neighbouring bytes, at each of the
-    ``group`` byte offsets the secret can start at inside a longer encoded stream. Character ``i``
-    covers bits ``[bits*i, bits*i + bits)``: the first characters overlap the bytes before the
-    secret and the last ones the bytes after it, so both ends are cut."""
-    out = []
-    for offset in range(group):
-        encoded = encode(bytes(offset) + secret)
-        start = -(-8 * offset // bits)
-        stop = 8 * (offset + len(secret)) // bits
-        out.append(encoded[start:stop])
-    return out
+    """:func:`egresslock.content.encodings.aligned` over a text encoding."""
+    return [f.decode("ascii") for f in aligned(secret, lambda b: encode(b).encode("ascii"),
+                                               bits, group)]
 
 
 def _b32(data: bytes) -> str:

@@ -96,6 +96,7 @@ class DnsStub:
         log: Callable[[AuditRecord], None],
         names: NameBook,
         secrets: Sequence[str] = (),
+        name_check: Callable[[str, str], str | None] | None = None,
         ttl: int = 30,
         report_only: bool = False,
         max_score: float | None = None,
@@ -114,6 +115,7 @@ class DnsStub:
         self._log = log
         self.names = names
         self._secrets = tuple(s for s in secrets if s)
+        self._name_check = name_check
         self.ttl = ttl
         self.report_only = report_only
         self.max_score = max_score
@@ -323,6 +325,10 @@ class _Exchange:
         elif stub.max_score is not None and self.score.value > stub.max_score:
             why, rule_id = (f"name {host} scores {self.score.value} for carrying data, over "
                             f"max_score {stub.max_score}"), DEFAULT_RULE
+        if why is None and stub._name_check is not None:
+            # The content policy: secrets and credentials in any encoding, placeholders, data
+            # in the labels of a wildcard rule (DESIGN.md hard rule 6).
+            why, rule_id = stub._name_check(host, decision.rule_id), decision.rule_id
         if why is not None:
             if not stub.report_only:
                 return self._refuse(Rcode.REFUSED, rule_id, why, host)
