@@ -152,7 +152,10 @@ def run(policy_file: Path, audit_path: Path | None, resolve: tuple[str, ...],
         pins = parse_pins(resolve)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--resolve") from exc
-    holder = PolicyHolder.from_file(policy_file)
+    holder = PolicyHolder.from_file(policy_file, key_dir=ca_dir)
+    if not quiet:
+        for warning in holder.content.warnings:
+            click.echo(f"egresslock: warning: {warning}", err=True)
     uid, gid = _identity(user)
     limits = Limits(connect_timeout=connect_timeout)
     summary = RunSummary()
@@ -195,6 +198,7 @@ def run(policy_file: Path, audit_path: Path | None, resolve: tuple[str, ...],
 
 def _spec(ctx: ProxyContext, ca_dir: Path | None, command: tuple[str, ...],
           share: tuple[Path, ...], uid: int, gid: int, transparent: bool) -> SandboxSpec:
+    from egresslock.content.credentials import sandbox_environment
     from egresslock.sandbox.mounts import plan_mounts
     from egresslock.sandbox.spawn import PROXY_PORT, SandboxSpec
 
@@ -211,11 +215,40 @@ def _spec(ctx: ProxyContext, ca_dir: Path | None, command: tuple[str, ...],
                   (BUNDLE_IN_SANDBOX, root.bundle_path.read_text())]
         ca_bundle = CA_IN_SANDBOX
     env = command_environment(dict(os.environ), f"http://127.0.0.1:{PROXY_PORT}", ca_bundle)
+    content = ctx.content
+    placeholders, removed = sandbox_environment(content.bindings, ctx.policy.current.source)
+    for name in removed:
+        env.pop(name, None)
+    env.update(placeholders)
     cwd = os.getcwd()
     mounts = plan_mounts(cwd, [str(p) for p in share], os.environ,
-                         resolv_conf="nameserver 127.0.0.1\nnameserver ::1\n", files=files)
+                         resolv_conf="nameserver 127.0.0.1\nnameserver ::1\n", files=files,
+                         hide_extra=_private_dirs(ca_dir),
+                         replace=_credential_files(ctx.policy.current.source, placeholders))
     return SandboxSpec(argv=command, env=env, cwd=cwd, uid=uid, gid=gid, mounts=mounts,
                        transparent=transparent)
+
+
+def _private_dirs(ca_dir: Path | None) -> list[str]:
+    """egresslock's own directories, hidden from the command: the CA key and the hashing key
+    (``transform.key``) live in the CA directory, and the audit log must not be rewritten by
+    what it records."""
+    from egresslock.audit import default_db_path
+    from egresslock.proxy.ca import default_ca_dir
+
+    dirs = [ca_dir or default_ca_dir(), default_db_path().parent]
+    return [str(d) for d in dirs if d.is_dir()]
+
+
+def _credential_files(policy: Policy, placeholders: dict[str, str]) -> list[tuple[str, str]]:
+    """Credential files, shown inside the sandbox with the placeholder as their content."""
+    out = []
+    for cred in policy.credentials:
+        if cred.file is not None and cred.name in placeholders:
+            path = os.path.realpath(os.path.expanduser(cred.file))
+            if os.path.isfile(path):
+                out.append((path, placeholders[cred.name] + "\n"))
+    return out
 
 
 def _preload() -> None:
@@ -276,23 +309,6 @@ async def _supervise(ctx: ProxyContext, sandboxed: Sandboxed) -> int:
         await server.close()
 
 
-def secret_values(policy: Policy) -> list[str]:
-    """The values of the policy's secrets that exist here (a missing variable cannot leak)."""
-    values: list[str] = []
-    for secret in policy.secrets:
-        if secret.value is not None:
-            values.append(secret.value)
-        elif secret.env is not None and os.environ.get(secret.env):
-            values.append(os.environ[secret.env])
-        elif secret.file is not None:
-            try:
-                values.append(Path(secret.file).expanduser().read_text().strip())
-            except OSError as exc:
-                click.echo(f"egresslock: warning: secret {secret.name}: cannot read "
-                           f"{secret.file}: {exc.strerror}", err=True)
-    return [v for v in values if v]
-
-
 def _terminal_delivers_sigint() -> bool:
     try:
         return os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
@@ -309,9 +325,12 @@ def _start_dns(ctx: ProxyContext, names: NameBook, udp: list[socket.socket],
     async def resolve(name: str) -> tuple[IPAddress, ...]:
         return await ctx.resolver.resolve(name, 443)
 
+    def name_check(host: str, rule_id: str) -> str | None:
+        return ctx.content.name_refusal(host, rule_id)  # the current policy's, after reloads
+
     stub = DnsStub(decide=ctx.decide, resolve=resolve, log=ctx.log, names=names,
-                   check_address=policy.addresses.check,
-                   secrets=secret_values(policy.source), report_only=policy.report_only)
+                   check_address=policy.addresses.check, name_check=name_check,
+                   report_only=policy.report_only)
     return [asyncio.ensure_future(stub.serve_udp(s)) for s in udp] + \
         [asyncio.ensure_future(stub.serve_tcp(s)) for s in tcp]
 

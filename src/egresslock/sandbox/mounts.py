@@ -47,12 +47,21 @@ class MountPlan:
     mask_files: tuple[str, ...]
     resolv_conf: str | None  # the content of the command's /etc/resolv.conf
     files: tuple[tuple[str, str], ...] = ()  # (path in a hidden tmpfs, content): the CA bundle
+    # (host file, content it shows inside): a credential file shows its placeholder
+    replace: tuple[tuple[str, str], ...] = ()
+    # hidden after the carried paths are back: directories that may lie inside one of them
+    hide_after: tuple[str, ...] = ()
 
 
 def plan_mounts(cwd: str, share: Iterable[str], env: Mapping[str, str],
                 hide: Sequence[str] = HIDDEN_DIRS, resolv_conf: str | None = None,
-                files: Sequence[tuple[str, str]] = ()) -> MountPlan:
-    """Decide the mounts from the host's view (before any namespace exists)."""
+                files: Sequence[tuple[str, str]] = (), hide_extra: Sequence[str] = (),
+                replace: Sequence[tuple[str, str]] = ()) -> MountPlan:
+    """Decide the mounts from the host's view (before any namespace exists).
+
+    ``hide_extra`` are more directories to cover (egresslock's keys and audit log);
+    ``replace`` are files to show with other content (credential files, as placeholders).
+    """
     hidden: list[str] = []
     for d in hide:
         real = os.path.realpath(d)
@@ -70,7 +79,10 @@ def plan_mounts(cwd: str, share: Iterable[str], env: Mapping[str, str],
     for path, _ in files:
         if not any(_below(path, h) for h in hidden):
             raise ValueError(f"{path} must lie in a directory the sandbox hides (a tmpfs)")
-    return MountPlan(tuple(hidden), keep, tuple(masks), resolv_conf, tuple(files))
+    after = tuple(dict.fromkeys(os.path.realpath(d) for d in hide_extra
+                                if os.path.isdir(d) and os.path.realpath(d) not in hidden))
+    return MountPlan(tuple(hidden), keep, tuple(masks), resolv_conf, tuple(files),
+                     tuple((os.path.realpath(p), c) for p, c in replace), after)
 
 
 def _below(path: str, directory: str) -> bool:
@@ -94,8 +106,14 @@ def apply_mounts(plan: MountPlan, uid: int, gid: int) -> None:
                   f"mode={mode},size=64m,uid={uid},gid={gid}")
         for path, fd in carried:
             _bind_fd(fd, path)
+        for directory in plan.hide_after:
+            if os.path.isdir(directory):  # else it lay in a hidden directory: gone already
+                mount("egresslock", directory, "tmpfs", MS_NOSUID | MS_NODEV,
+                      f"mode=0000,size=4k,uid={uid},gid={gid}")
         for path in plan.mask_files:
             mount("/dev/null", path, None, MS_BIND)
+        for number, (path, content) in enumerate(plan.replace):
+            _bind_content(path, content, plan.hide[0], number)
         for path, content in plan.files:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as f:
@@ -116,6 +134,18 @@ def _bind_fd(fd: int, path: str) -> None:
         with open(path, "a"):
             pass
     mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+
+
+def _bind_content(path: str, content: str, scratch: str, number: int) -> None:
+    """Show ``content`` at ``path``: a file in the sandbox's own tmpfs, bound over it. A path
+    that a hidden directory already covers is simply gone; nothing to replace there."""
+    if not os.path.isfile(path):
+        return
+    source = os.path.join(scratch, f".egresslock-replaced-{number}")
+    with open(source, "w") as f:
+        f.write(content)
+    os.chmod(source, 0o444)
+    mount(source, path, None, MS_BIND)
 
 
 def _bind_resolv_conf(content: str, scratch: str) -> None:
