@@ -336,11 +336,13 @@ class UpstreamHandler(http.server.BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         host = (self.headers.get("Host") or "").split(":")[0].lower()
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
+        body = self._body()
         with _lock:
+            # Everything the upstream received, so a test can prove a secret never arrived.
             self.server.seen.append({"host": host, "method": self.command, "path": self.path,
-                                     "tls": self.server.tls})
+                                     "tls": self.server.tls,
+                                     "headers": {k.lower(): v for k, v in self.headers.items()},
+                                     "body": body[:1 << 16].decode("latin-1")})
         if host == "pypi.test":
             self._static(self.server.pypi_root)
             return
@@ -351,6 +353,20 @@ class UpstreamHandler(http.server.BaseHTTPRequestHandler):
                               "tls": self.server.tls, "body": body.decode("latin-1"),
                               "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
         self._send(200, {"Content-Type": "application/json"}, payload)
+
+    def _body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            parts = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(parts)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
 
     def _send(self, status: int, headers: dict[str, str], payload: bytes) -> None:
         self.send_response(status)
