@@ -90,12 +90,18 @@ def test_secret_in_any_encoding_scores_one(label: str, form: str | None) -> None
     if form is None:
         assert not score.secret
         return
-    assert score == Score(1.0, (f"contains secret #2 as {form}",), secret=True)
+    assert score.secret
+    assert score.value == 1.0
+    (reason,) = score.reasons
+    # Reasons name the secret by position, never by value; base64url fragments without '-'
+    # or '_' are the base64 ones too, and are named so.
+    assert reason.startswith("secret #2 ")
+    assert f"({form.removesuffix('url')}" in reason
 
 
 def test_plain_secret_is_found() -> None:
     score = exfil_score("token-s3cr3tvalue.evil.com", ["S3CR3TVALUE"])
-    assert score.reasons == ("contains secret #1 as plain",)
+    assert score.reasons == ("secret #1 in the name (plain)",)
 
 
 def test_short_secrets_do_not_match_by_chance() -> None:

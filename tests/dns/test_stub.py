@@ -67,7 +67,7 @@ HEX_SECRET = SECRET.encode().hex()
     ("gone.wild.test", "A", SERVFAIL, [], "allow", "wild",
      "but resolving gone.wild.test failed: cannot resolve gone.wild.test"),
     (f"{HEX_SECRET}.wild.test", "A", REFUSED, [], "deny", "secrets",
-     "carries a secret: contains secret #1 as hex"),
+     "carries a secret: secret #1 in the name (hex)"),
     (f"{HEX_SECRET}.evil.test", "A", REFUSED, [], "deny", "default", "no rule allows host"),
 ])
 def test_answers(stub: DnsStub, records: list[AuditRecord], name: str, rdtype: str, rcode: int,
@@ -91,7 +91,7 @@ def test_denied_exfil_name_is_logged_with_its_score(stub: DnsStub, records: list
     (rec,) = records
     assert rec.extra is not None
     assert rec.extra["score"] == 1.0
-    assert rec.extra["score_reasons"] == ["contains secret #1 as hex"]
+    assert rec.extra["score_reasons"] == ["secret #1 in the name (hex)"]
     assert rec.host == f"{HEX_SECRET}.evil.test"
     assert resolver.asked == [], "a refused name must never be looked up"
 
@@ -171,7 +171,7 @@ def test_max_score_refuses_data_names_that_rules_allow(records: list[AuditRecord
 @pytest.mark.parametrize(("name", "rdtype", "answers", "reason"), [
     ("evil.test", "A", None, "enforce would deny: no rule allows host evil.test"),
     ("meta.test", "A", ["169.254.169.254"], "169.254.169.254 (link-local) is blocked"),
-    (f"{HEX_SECRET}.wild.test", "A", None, "contains secret #1 as hex"),
+    (f"{HEX_SECRET}.wild.test", "A", None, "secret #1 in the name (hex)"),
     ("app.test", "A", ["127.0.0.1"], None),
 ])
 def test_report_mode_answers_and_reports(records: list[AuditRecord], resolver: FakeResolver,

@@ -325,12 +325,16 @@ def _start_dns(ctx: ProxyContext, names: NameBook, udp: list[socket.socket],
     async def resolve(name: str) -> tuple[IPAddress, ...]:
         return await ctx.resolver.resolve(name, 443)
 
+    # The current policy's content checks, whatever reloads happen.
     def name_check(host: str, rule_id: str) -> str | None:
-        return ctx.content.name_refusal(host, rule_id)  # the current policy's, after reloads
+        return ctx.content.name_refusal(host, rule_id)
+
+    def find_secrets(name: str) -> list[str]:  # every query, allowed or not, for the log
+        return [h.describe() for h in ctx.content.scanner.scan_name(name)]
 
     stub = DnsStub(decide=ctx.decide, resolve=resolve, log=ctx.log, names=names,
                    check_address=policy.addresses.check, name_check=name_check,
-                   report_only=policy.report_only)
+                   find_secrets=find_secrets, report_only=policy.report_only)
     return [asyncio.ensure_future(stub.serve_udp(s)) for s in udp] + \
         [asyncio.ensure_future(stub.serve_tcp(s)) for s in tcp]
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 # Fragments shorter than this would match ordinary text by chance (a 6-character base64 run
 # appears in any megabyte of compressed-looking data).
 MIN_FRAGMENT = 8
+# A value shorter than this is not looked for at all: "cafe" is in too many names and texts.
+MIN_PLAIN = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +67,7 @@ def forms(value: bytes) -> list[Form]:
     found: dict[bytes, Form] = {}
 
     def add(encoding: str, fragment: bytes, case_matters: bool) -> None:
-        if len(fragment) < MIN_FRAGMENT and encoding != "plain":
+        if len(fragment) < (MIN_PLAIN if encoding == "plain" else MIN_FRAGMENT):
             return
         key = fragment.lower()
         if key not in found:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from egresslock.content.encodings import MIN_PLAIN
 from egresslock.content.scanner import Kind, Needle
 from egresslock.policy.model import Credential, Policy, Secret
 
@@ -55,8 +56,13 @@ def load_secrets(policy: Policy, environ: Mapping[str, str]) -> Loaded:
         if value is None:
             warnings.append(warning or "")
             continue
-        if len(value.encode()) < MIN_SECRET_LEN:
-            warnings.append(f"secret {secret.name} is {len(value.encode())} bytes; values under "
+        size = len(value.encode())
+        if size < MIN_PLAIN:
+            warnings.append(f"secret {secret.name} is {size} bytes; values under {MIN_PLAIN} "
+                            "bytes would match ordinary text, so it is not looked for")
+            continue
+        if size < MIN_SECRET_LEN:
+            warnings.append(f"secret {secret.name} is {size} bytes; values under "
                             f"{MIN_SECRET_LEN} bytes are matched in plain text only")
         values[secret.name] = value
     return Loaded(values, tuple(warnings))

@@ -21,7 +21,6 @@ A secret match is not a heuristic: any hit scores exactly 1.0.
 
 from __future__ import annotations
 
-import base64
 import functools
 import math
 import re
@@ -29,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from egresslock.content.encodings import aligned
+from egresslock.content.scanner import Kind, Needle, Scanner
 
 # Encoded fragments shorter than this match ordinary names by chance ("cafe" is hex).
 _MIN_FRAGMENT = 6
@@ -65,43 +64,15 @@ def _clip(x: float) -> float:
     return min(1.0, max(0.0, x))
 
 
-def _aligned(secret: bytes, encode: Callable[[bytes], str], bits: int, group: int) -> list[str]:
-    """:func:`egresslock.content.encodings.aligned` over a text encoding."""
-    return [f.decode("ascii") for f in aligned(secret, lambda b: encode(b).encode("ascii"),
-                                               bits, group)]
-
-
-def _b32(data: bytes) -> str:
-    return base64.b32encode(data).decode("ascii").rstrip("=").lower()
-
-
-def _b64url(data: bytes) -> str:
-    # DNS is case-insensitive and names are compared lower-cased; so is the encoding. That makes
-    # a chance match slightly likelier, never a real one missed.
-    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=").lower()
-
-
-@functools.lru_cache(maxsize=256)
-def _forms(secret: str) -> tuple[tuple[str, str], ...]:
-    """(encoding, fragment) pairs to look for in a lower-case name."""
-    raw = secret.encode("utf-8")
-    forms = [("plain", secret.lower()), ("hex", raw.hex())]
-    forms += [("base32", f) for f in _aligned(raw, _b32, 5, 5)]
-    forms += [("base64url", f) for f in _aligned(raw, _b64url, 6, 3)]
-    return tuple((form, frag) for form, frag in forms if len(frag) >= _MIN_FRAGMENT)
+@functools.lru_cache(maxsize=64)
+def _scanner(secrets: tuple[str, ...]) -> Scanner:
+    """One scanner per list of secrets, each named by its 1-based position."""
+    return Scanner([Needle(f"#{i}", s.encode("utf-8"), Kind.SECRET)
+                    for i, s in enumerate(secrets, start=1) if s])
 
 
 def _secret_hits(name: str, secrets: Sequence[str]) -> list[str]:
-    # Data may be split across labels ("6177.732d.6b65.79.evil.example"): look in the name with
-    # its dots removed as well.
-    joined = name.replace(".", "")
-    hits = []
-    for number, secret in enumerate(secrets, start=1):
-        for form, fragment in _forms(secret):
-            if fragment in name or fragment in joined:
-                hits.append(f"contains secret #{number} as {form}")
-                break
-    return hits
+    return [h.describe() for h in _scanner(tuple(secrets)).scan_name(name)]
 
 
 def _entropy(text: str) -> float:
@@ -129,15 +100,18 @@ def _alphabet(label: str) -> str | None:
     return None
 
 
-def exfil_score(name: str, secrets: Sequence[str] = ()) -> Score:
+def exfil_score(name: str, secrets: Sequence[str] = (),
+                find: Callable[[str], list[str]] | None = None) -> Score:
     """Score ``name`` (lower-case, no trailing dot) for carrying data; 1.0 if it holds a secret.
 
-    ``secrets`` are the values that must never leave; they are looked for in plain text, hex,
-    base32 and base64url (lower-case, no padding, at every alignment). Reasons name a secret by
-    its 1-based position in ``secrets``, never by its value.
+    ``secrets`` are the values that must never leave; they are looked for in every encoding
+    :class:`~egresslock.content.scanner.Scanner` knows (plain, hex, base32, base64url at every
+    alignment, split across labels). Reasons name a secret by its 1-based position in
+    ``secrets``, never by its value. ``find`` replaces that search: it returns the reasons for
+    a name (``egresslock run`` passes the content policy's, which names secrets by name).
     """
     name = name.lower().rstrip(".")
-    hits = _secret_hits(name, secrets) if secrets else []
+    hits = find(name) if find is not None else _secret_hits(name, secrets) if secrets else []
     if hits:
         return Score(1.0, tuple(hits), secret=True)
     labels = [label for label in name.split(".") if label]

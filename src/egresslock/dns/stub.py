@@ -97,6 +97,7 @@ class DnsStub:
         names: NameBook,
         secrets: Sequence[str] = (),
         name_check: Callable[[str, str], str | None] | None = None,
+        find_secrets: Callable[[str], list[str]] | None = None,
         ttl: int = 30,
         report_only: bool = False,
         max_score: float | None = None,
@@ -116,6 +117,7 @@ class DnsStub:
         self.names = names
         self._secrets = tuple(s for s in secrets if s)
         self._name_check = name_check
+        self._find_secrets = find_secrets
         self.ttl = ttl
         self.report_only = report_only
         self.max_score = max_score
@@ -272,7 +274,7 @@ class _Exchange:
         self.query = query
         self.protocol = protocol
         self.max_size = TCP_MAX_SIZE if protocol == "tcp" else None
-        self.score: Score = exfil_score(query.name, stub._secrets)
+        self.score: Score = exfil_score(query.name, stub._secrets, stub._find_secrets)
 
     def _record(self, verdict: Verdict, rule_id: str, reason: str, rcode: Rcode, host: str,
                 addresses: Sequence[IPAddress] = (),
