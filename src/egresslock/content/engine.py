@@ -183,8 +183,12 @@ class ContentPolicy:
 
     def prepare(self, rule_id: str, host: str, path: str, query: str | None,
                 headers: Sequence[tuple[bytes, bytes]], content_encoding: bytes | None,
-                has_body: bool) -> Prepared:
-        """Check and transform one readable request. Raises :class:`ContentRefusal`."""
+                has_body: bool, body_size: int | None = None) -> Prepared:
+        """Check and transform one readable request. Raises :class:`ContentRefusal`.
+
+        ``body_size`` is the declared Content-Length, charged to the budgets up front so that a
+        body over budget is refused before any of it is sent; a chunked body (None) is charged
+        as it streams."""
         rule = self.rules.get(rule_id)
         prepared = Prepared(path + (f"?{query}" if query is not None else ""), list(headers),
                             None)
@@ -208,6 +212,7 @@ class ContentPolicy:
             if why is not None:
                 refuse(f"dynamic link refused by rule {rule.rule_id}: {why}")
         size = len(prepared.target) + sum(len(n) + len(v) + 4 for n, v in prepared.headers)
+        size += body_size or 0
         entries = []
         for meter in self._meters(rule_id):
             why, entry = meter.admit(size)
@@ -219,7 +224,8 @@ class ContentPolicy:
         prepared.headers = self._swap(prepared.headers, host, prepared)
         prepared.redact = tuple(b for b in self.bindings if b.serves(host))
         if has_body:
-            prepared.body = BodyFilter(self, rule, rule_id, content_encoding, entries, prepared)
+            prepared.body = BodyFilter(self, rule, rule_id, content_encoding,
+                                       [] if body_size is not None else entries, prepared)
         return prepared
 
     def _meters(self, rule_id: str) -> list[Meter]:

@@ -162,7 +162,8 @@ def prepare_content(ctx: ProxyContext, decision: Decision, url: URL, head: Reque
     try:
         return ctx.content.prepare(decision.rule_id, url.host, url.path, url.query,
                                    head.headers, head.get(b"content-encoding"),
-                                   framing.kind != "none")
+                                   framing.kind != "none",
+                                   framing.length if framing.kind == "length" else None)
     except ContentRefusal as exc:
         raise content_refused(exc.rule_id, exc.reason, keep_alive) from exc
 
