@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from egresslock.errors import InputError, PolicyError
+
+if TYPE_CHECKING:
+    from egresslock.policy import CompiledPolicy, Decision
+    from egresslock.policy.probe import Probe
 
 
 def _parse_resolve(values: tuple[str, ...]) -> dict[str, list[str]]:
@@ -26,7 +31,8 @@ def _parse_resolve(values: tuple[str, ...]) -> dict[str, list[str]]:
 @click.option("-H", "--header", "headers", multiple=True, metavar="K:V",
               help="A request header (repeatable).")
 @click.option("--body-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A file whose size is the request body size.")
+              help="The request body: its size is checked, and its content is scanned for "
+                   "secrets and transformed as the proxy would.")
 @click.option("--resolve", "resolve", multiple=True, metavar="HOST:ADDR",
               help="Treat HOST as resolving to ADDR (repeatable); check does no DNS itself.")
 @click.option("--json", "as_json", is_flag=True, help="Print the decision as JSON.")
@@ -37,7 +43,9 @@ def check(ctx: click.Context, policy_file: Path, method: str, headers: tuple[str
     """Print what the policy decides for a request to URL, as the proxy would decide it.
 
     Exit 0 when allowed, 1 when denied, 2 for a bad policy or bad usage. For an https URL the
-    tunnel is decided first; if its rule inspects, the request inside is decided too.
+    tunnel is decided first; if its rule inspects, the request inside is decided too. Then the
+    content checks run as in the proxy: secrets in any encoding in the name, URL, headers and
+    --body-file, dynamic links, and what the rule's transforms would change.
     """
     from egresslock.policy import compile_policy, load_policy
     from egresslock.policy.probe import probe
@@ -49,11 +57,14 @@ def check(ctx: click.Context, policy_file: Path, method: str, headers: tuple[str
             click.echo(f"error: {p}", err=True)
         ctx.exit(2)
     header_names = []
+    header_pairs: list[tuple[bytes, bytes]] = []
     for h in headers:
-        name, sep, _ = h.partition(":")
+        name, sep, value = h.partition(":")
         if not sep or not name.strip():
             raise click.BadParameter(f"{h!r} must be NAME:VALUE", param_hint="--header")
         header_names.append(name.strip().lower())
+        header_pairs.append((name.strip().encode("latin-1"),
+                             value.strip().encode("utf-8", "surrogateescape")))
     body_size = body_file.stat().st_size if body_file else None
     try:
         result = probe(compiled, url, method.upper(), tuple(header_names), body_size,
@@ -67,6 +78,10 @@ def check(ctx: click.Context, policy_file: Path, method: str, headers: tuple[str
                        f"ambiguous: {exc}")
         ctx.exit(1)
     d = result.decision
+    changes: list[str] = []
+    if d.allowed:
+        d, changes = _content(compiled, result, header_pairs, body_file)
+    result.notes.extend(f"would change: {c}" for c in changes)
     if as_json:
         click.echo(json.dumps({
             "verdict": d.verdict.value, "rule_id": d.rule_id, "reason": d.reason,
@@ -81,3 +96,43 @@ def check(ctx: click.Context, policy_file: Path, method: str, headers: tuple[str
         for note in result.notes:
             click.echo(f"note:   {note}")
     ctx.exit(0 if d.allowed else 1)
+
+
+def _content(compiled: CompiledPolicy, result: Probe, headers: list[tuple[bytes, bytes]],
+             body_file: Path | None) -> tuple[Decision, list[str]]:
+    """The content checks the proxy runs after the rules allowed: names for a tunnel, URL,
+    headers and body for a request it can read. Returns the final decision and what the
+    transforms would change. Hashes use a throwaway key: check never creates the real one."""
+    import secrets as random
+
+    from egresslock.content.engine import ContentPolicy, ContentRefusal
+    from egresslock.policy.decide import Decision, Layer, Verdict
+
+    d = result.decision
+    content = ContentPolicy(compiled.source, key=lambda: random.token_bytes(32))
+    for warning in content.warnings:
+        result.notes.append(f"warning: {warning}")
+    url = result.url
+    if result.layer is not Layer.HTTP:
+        why = content.name_refusal(url.host, d.rule_id)
+        reported = [why] if why is not None else []
+        changes: list[str] = []
+    else:
+        body = body_file.read_bytes() if body_file is not None else None
+        encoding = next((v for n, v in headers if n.lower() == b"content-encoding"), None)
+        try:
+            prepared = content.prepare(d.rule_id, url.host, url.path, url.query, headers,
+                                       encoding, body is not None,
+                                       len(body) if body is not None else None)
+            if prepared.body is not None and body is not None:
+                prepared.body.feed(body)
+                prepared.body.finish()
+        except ContentRefusal as exc:
+            return Decision(Verdict.DENY, exc.rule_id, exc.reason), []
+        reported, changes = prepared.reported, prepared.changes
+    if reported and content.report_only:
+        return Decision(Verdict.REPORT, d.rule_id,
+                        f"report mode, enforce would deny: {reported[0]}"), changes
+    if reported:
+        return Decision(Verdict.DENY, d.rule_id, reported[0]), changes
+    return d, changes
