@@ -28,7 +28,8 @@ from types import MappingProxyType
 
 from egresslock.errors import AuditError
 
-LAYERS = frozenset({"http", "connect", "tls", "dns", "drop", "sanitize", "courier", "mcp"})
+LAYERS = frozenset({"http", "connect", "tls", "dns", "drop", "sanitize", "courier", "mcp",
+                    "flow"})
 VERDICTS = frozenset({"allow", "deny", "report"})
 
 GENESIS_HASH = "0" * 64

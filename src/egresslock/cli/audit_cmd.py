@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 # Kept literal so that `egresslock --help` does not import the audit package (and sqlite3);
 # tests/audit/test_cli.py checks that they equal egresslock.audit.LAYERS and VERDICTS.
-LAYER_CHOICES = ("connect", "courier", "dns", "drop", "http", "mcp", "sanitize", "tls")
+LAYER_CHOICES = ("connect", "courier", "dns", "drop", "flow", "http", "mcp", "sanitize", "tls")
 VERDICT_CHOICES = ("allow", "deny", "report")
 
 _DB_HELP = ("Audit database [default: $EGRESSLOCK_AUDIT, else "

@@ -110,6 +110,9 @@ def _identity(user: str | None) -> tuple[int, int]:
                    "(/tmp, /run...). The working directory is always kept. Repeatable.")
 @click.option("--user", metavar="USER",
               help="As root: the user the command runs as (default: $SUDO_UID, else nobody).")
+@click.option("--level", metavar="LEVEL",
+              help="Start the session's mark at LEVEL (one of the policy's levels), for an "
+                   "agent handed private data up front: destinations below it are refused.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary at the end.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the end-of-run summary as one JSON object on stderr.")
@@ -117,8 +120,8 @@ def _identity(user: str | None) -> tuple[int, int]:
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(policy_file: Path, audit_path: Path | None, resolve: tuple[str, ...],
         upstream_ca: Path | None, ca_dir: Path | None, connect_timeout: float,
-        transparent: bool, share: tuple[Path, ...], user: str | None, quiet: bool,
-        as_json: bool, no_uvloop: bool, command: tuple[str, ...]) -> None:
+        transparent: bool, share: tuple[Path, ...], user: str | None, level: str | None,
+        quiet: bool, as_json: bool, no_uvloop: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND so that its only way to the network is egresslock.
 
     \b
@@ -162,6 +165,7 @@ def run(policy_file: Path, audit_path: Path | None, resolve: tuple[str, ...],
     audit_file = audit_path or default_db_path()
     ctx = ProxyContext(holder, summary.count, Resolver(pins), limits,
                        upstream_ca=str(upstream_ca) if upstream_ca else None)
+    ctx.start_level = _start_level(level, holder.current.levels)
     ctx.minter = _minter(ctx, ca_dir)
     spec = _spec(ctx, ca_dir, command, share, uid, gid, transparent)
     become_subreaper()
@@ -227,6 +231,14 @@ def _spec(ctx: ProxyContext, ca_dir: Path | None, command: tuple[str, ...],
                          replace=_credential_files(ctx.policy.current.source, placeholders))
     return SandboxSpec(argv=command, env=env, cwd=cwd, uid=uid, gid=gid, mounts=mounts,
                        transparent=transparent)
+
+
+def _start_level(level: str | None, levels: tuple[str, ...]) -> str | None:
+    if level is not None and level not in levels:
+        valid = ", ".join(levels) if levels else "none: the policy declares no levels"
+        raise click.BadParameter(f"{level!r} is not one of the policy's levels ({valid})",
+                                 param_hint="--level")
+    return level
 
 
 def _private_dirs(ca_dir: Path | None) -> list[str]:

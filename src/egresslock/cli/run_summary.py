@@ -33,9 +33,14 @@ class RunSummary:
     reported: int = 0
     denials: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     pending: list[AuditRecord] = field(default_factory=list)
+    mark: str | None = None  # the session's mark, when the policy has levels and it rose
+    mark_reason: str | None = None
 
     def count(self, record: AuditRecord) -> None:
-        if record.verdict == "deny":
+        if record.layer == "flow":  # not a decision: the session's mark rose
+            self.mark = str((record.extra or {}).get("mark"))
+            self.mark_reason = record.reason
+        elif record.verdict == "deny":
             self.denied += 1
             self.denials[(record.layer, _destination(record), record.reason)] += 1
         elif record.verdict == "report":
@@ -55,6 +60,7 @@ class RunSummary:
         return {
             "exit_code": exit_code, "allowed": self.allowed, "denied": self.denied,
             "reported": self.reported, "run_id": run_id, "audit": audit_path,
+            "mark": self.mark,
             "top_denied": [
                 {"layer": layer, "destination": dest, "reason": reason, "count": n}
                 for (layer, dest, reason), n in self.denials.most_common(_TOP)
@@ -65,6 +71,8 @@ class RunSummary:
         lines = [f"egresslock: {self.allowed} allowed, {self.denied} denied"
                  + (f", {self.reported} reported" if self.reported else "")
                  + f"; command exited {exit_code}"]
+        if self.mark_reason is not None:
+            lines.append(f"  {self.mark_reason}")
         for (layer, dest, reason), n in self.denials.most_common(_TOP):
             lines.append(f"  denied {n}x {layer:<7} {dest}: {reason}")
         more = len(self.denials) - _TOP

@@ -71,8 +71,8 @@ class CompiledRule:
     """One rule, ready to match. Holds only immutable values."""
 
     __slots__ = (
-        "action_deny", "constrains", "host", "id", "index", "inspect", "max_body_bytes",
-        "methods", "paths", "ports", "query", "upgrades",
+        "action_deny", "constrains", "host", "id", "index", "inspect", "level",
+        "max_body_bytes", "methods", "paths", "ports", "query", "reads", "upgrades",
     )
 
     def __init__(self, rule: Rule, index: int,
@@ -105,6 +105,8 @@ class CompiledRule:
         self.inspect = rule.inspect
         self.upgrades = _share(shared, frozenset(rule.upgrades or ()))
         self.constrains = rule.constrains_requests
+        self.reads = rule.reads
+        self.level = rule.level
 
     def __repr__(self) -> str:
         return f"CompiledRule({self.id!r}, host={self.host.text!r})"
@@ -146,7 +148,7 @@ class HostIndex:
 class CompiledPolicy:
     """Everything :func:`egresslock.policy.decide.decide` needs, built once from a Policy."""
 
-    __slots__ = ("addresses", "index", "report_only", "rules", "source")
+    __slots__ = ("addresses", "by_id", "index", "levels", "report_only", "rules", "source")
 
     def __init__(self, policy: Policy) -> None:
         self.source = policy
@@ -154,6 +156,8 @@ class CompiledPolicy:
         shared: dict[frozenset[Any], frozenset[Any]] = {}
         self.rules = tuple(CompiledRule(r, i, shared) for i, r in enumerate(policy.rules))
         self.index = HostIndex(list(self.rules))
+        self.by_id = {r.id: r for r in self.rules}
+        self.levels: tuple[str, ...] = tuple(policy.levels or ())
         self.addresses = AddressPolicy(
             policy.network.block_private,
             (ipaddress.ip_network(c) for c in policy.network.allow_ranges),

@@ -212,6 +212,27 @@ def _inspect_problems(rule: Rule, index: int, doc: _Document) -> list[PolicyProb
         "decrypt and enforce them, or limit 'ports' to plain-HTTP ports such as [80]")]
 
 
+def _level_problems(policy: Policy, at: Loc, reads: str | None, level: str | None,
+                    doc: _Document) -> list[PolicyProblem]:
+    """``reads`` and ``level`` must name one of the policy's ``levels``."""
+    out = []
+    for key, value in (("reads", reads), ("level", level)):
+        if value is None:
+            continue
+        loc: Loc = (*at, key)
+        if policy.levels is None:
+            out.append(PolicyProblem(
+                doc.filename, _line(doc, loc), format_loc(loc),
+                f"{key} {value!r} names a level, and the policy declares none; add a "
+                "top-level 'levels: [public, internal, confidential]' (lowest first)"))
+        elif value not in policy.levels:
+            out.append(PolicyProblem(
+                doc.filename, _line(doc, loc), format_loc(loc),
+                f"{key} {value!r} is not one of the policy's levels "
+                f"({', '.join(policy.levels)})"))
+    return out
+
+
 # libyaml's parser when PyYAML was built with it: the same nodes, marks and safe tags, about 20
 # times faster than the pure-Python one (a policy of 100,000 rules parses in seconds, not minutes).
 _BASE_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -273,6 +294,7 @@ def parse_policy(text: str, filename: str = "<policy>") -> Policy:
         raise PolicyError(problems + _problems_from(exc, doc, data)) from exc
     for i, rule in enumerate(policy.rules):
         problems.extend(_inspect_problems(rule, i, doc))
+        problems.extend(_level_problems(policy, ("rules", i), rule.reads, rule.level, doc))
     if problems:
         raise PolicyError(problems)
     return policy

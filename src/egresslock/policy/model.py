@@ -38,6 +38,7 @@ _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**1
 _PERIOD = re.compile(r"^([1-9][0-9]*)([smhd])$")
 _PERIOD_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _POINTER = re.compile(r"^(/([^/~]|~[01])*)+$")
+_LEVEL = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 # The detectors of well-known credential shapes (egresslock.content.detectors), each on by default.
 DETECTORS = ("aws", "github", "slack", "private_key", "jwt", "connection_string")
@@ -268,6 +269,12 @@ class Rule(_Strict):
         "wildcard labels carry data; allow; or thresholds {max_data_bytes: N}.")
     budget: Budget | None = Field(
         default=None, description="{requests: N, bytes_out: SIZE, per: 1m|run}.")
+    reads: str | None = Field(
+        default=None, description="The level of what this destination's responses carry: a "
+        "response raises the session's mark to it (one of the policy's levels).")
+    level: str | None = Field(
+        default=None, description="The highest level this destination may receive: once the "
+        "session's mark is above it, requests to it are denied (no write down).")
 
     @field_validator("id")
     @classmethod
@@ -458,6 +465,24 @@ class Policy(_Strict):
     content: Content = Field(default_factory=Content)
     budget: Budget | None = Field(
         default=None, description="A budget for the whole run, over every rule.")
+    levels: list[str] | None = Field(
+        default=None, min_length=2, description="Ordered data levels, lowest first, like "
+        "[public, internal, confidential]; rules name them in reads and level.")
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        for name in value:
+            if not _LEVEL.match(name):
+                raise ValueError(f"level {name!r} must be a lower-case name of up to 32 "
+                                 "letters, digits, '_' and '-', like confidential")
+        seen = [n for i, n in enumerate(value) if n in value[:i]]
+        if seen:
+            raise ValueError(f"level {seen[0]!r} is listed twice; levels are an order, "
+                             "lowest first")
+        return value
 
     @field_validator("version", mode="before")
     @classmethod

@@ -21,6 +21,7 @@ from egresslock.proxy.resolver import Resolver
 
 if TYPE_CHECKING:
     from egresslock.content.engine import ContentPolicy
+    from egresslock.flow.mark import SessionMark
 
     # Loaded only when used: cryptography and prometheus_client cost a wrapped tool call
     # (egresslock run) tens of milliseconds of start-up it mostly does not need.
@@ -136,6 +137,9 @@ class ProxyContext:
     # inspected host never needs.
     upstream_ca: str | None = None
     _upstream_tls: ssl.SSLContext | None = None
+    # The session's high-water mark (policies with levels); shared with the MCP gateway.
+    start_level: str | None = None
+    _mark: SessionMark | None = None
 
     @property
     def upstream_tls(self) -> ssl.SSLContext:
@@ -146,6 +150,42 @@ class ProxyContext:
     @property
     def content(self) -> ContentPolicy:
         return self.policy.content
+
+    @property
+    def mark(self) -> SessionMark | None:
+        """The run's mark, made on first use when the policy has levels."""
+        levels = self.policy.current.levels
+        if not levels:
+            return self._mark
+        if self._mark is None:
+            from egresslock.flow.mark import SessionMark
+
+            self._mark = SessionMark(levels, self.start_level)
+        elif self._mark.levels != levels:
+            self._mark.update_levels(levels)  # a reload changed the order
+        return self._mark
+
+    def flow_refusal(self, rule_id: str, destination: str) -> str | None:
+        """Why a write to ``destination`` under ``rule_id`` breaks no-write-down, or None."""
+        rule = self.policy.current.by_id.get(rule_id)
+        mark = self.mark
+        if rule is None or rule.level is None or mark is None:
+            return None
+        return mark.refusal(rule.level, destination, f"rule {rule.id}")
+
+    def flow_read(self, rule_id: str, source: str) -> None:
+        """A response from ``rule_id`` reached the agent: raise the mark to its ``reads``."""
+        rule = self.policy.current.by_id.get(rule_id)
+        mark = self.mark
+        if rule is None or rule.reads is None or mark is None:
+            return
+        step = mark.raise_to(rule.reads, source, rule.id)
+        if step is not None:
+            self.log(AuditRecord(
+                layer="flow", verdict="allow", rule_id=rule.id,
+                reason=f"session mark raised from {step.previous or mark.levels[0]} to "
+                       f"{step.level} by {source}",
+                extra={"mark": step.level, "previous": step.previous, "source": source}))
 
     def decide(self, request: Request) -> Decision:
         if self.metrics is None:

@@ -156,16 +156,23 @@ def content_refused(rule_id: str, reason: str, keep_alive: bool) -> Refused:
 
 def prepare_content(ctx: ProxyContext, decision: Decision, url: URL, head: RequestHead,
                     framing: Framing, keep_alive: bool) -> Prepared:
-    """Run the content checks and transforms of a readable request (plain or inspected)."""
+    """Run the content checks and transforms of a readable request (plain or inspected), and
+    the no-write-down check of its destination."""
     from egresslock.content.engine import ContentRefusal
 
     try:
-        return ctx.content.prepare(decision.rule_id, url.host, url.path, url.query,
+        prepared = ctx.content.prepare(decision.rule_id, url.host, url.path, url.query,
                                    head.headers, head.get(b"content-encoding"),
                                    framing.kind != "none",
                                    framing.length if framing.kind == "length" else None)
     except ContentRefusal as exc:
         raise content_refused(exc.rule_id, exc.reason, keep_alive) from exc
+    why = ctx.flow_refusal(decision.rule_id, url.host)
+    if why is not None:
+        if not ctx.policy.current.report_only:
+            raise content_refused(decision.rule_id, why, keep_alive)
+        prepared.reported.append(why)
+    return prepared
 
 
 async def resolve_and_decide(ctx: ProxyContext, request: Request, keep_alive: bool
@@ -384,6 +391,8 @@ async def exchange(ctx: ProxyContext, head: RequestHead, url: URL, framing: Fram
     if not whole:
         await _send_body(ctx, client, upstream, framing, decision, ex)
     resp = await _final_response_head(ctx, upstream, decision, ex, retryable)
+    if resp.status < 400:  # data reached the agent: a reads rule raises the session's mark
+        ctx.flow_read(decision.rule_id, f"{head.method} {url.host}{url.path}")
     if resp.status == 101:
         if not head.upgrade:
             raise upstream_failed(502, decision, "upstream switched protocols, but the request "

@@ -151,6 +151,8 @@ async def run_tunnel(ctx: ProxyContext, client: Conn, host: str, port: int, deci
                 raise TunnelDenied(decision.rule_id, f"inspection failed: {exc}") from exc
             result.ended = "inspected"
             return decision
+        # Whatever this tunnel returns reaches the agent unseen: a reads rule raises the mark.
+        ctx.flow_read(decision.rule_id, f"tunnel to {host}:{port}")
         first = client.take_buffer()
         if first:
             await upstream.send(first)
@@ -177,8 +179,10 @@ def _refusal_before_dial(ctx: ProxyContext, host: str, decision: Decision) -> st
                 "has no CA; create one with 'egresslock ca init' and restart the proxy")
     why = ctx.content.check_name(host, decision.rule_id)
     if why is None and not decision.inspect:
-        # A tunnel the proxy cannot see into counts as one request against the budgets.
-        why = ctx.content.admit_tunnel(decision.rule_id)
+        # A tunnel the proxy cannot see into is one write to its destination (no write down)
+        # and counts as one request against the budgets.
+        why = ctx.flow_refusal(decision.rule_id, host) or ctx.content.admit_tunnel(
+            decision.rule_id)
     return why
 
 

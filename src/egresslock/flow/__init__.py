@@ -1,0 +1,1 @@
+"""Labels and the session's high-water mark: the "no write down" property for agent tools."""
