@@ -11,6 +11,7 @@ from egresslock import __version__
 from egresslock.cli.audit_cmd import audit
 from egresslock.cli.ca_cmd import ca, env
 from egresslock.cli.check_cmd import check
+from egresslock.cli.compile_cmd import compile_
 from egresslock.cli.doctor_cmd import doctor
 from egresslock.cli.policy_cmd import policy
 from egresslock.cli.proxy_cmd import proxy
@@ -47,6 +48,7 @@ cli.add_command(proxy)
 cli.add_command(ca)
 cli.add_command(env)
 cli.add_command(doctor)
+cli.add_command(compile_)
 
 
 def main() -> None:
