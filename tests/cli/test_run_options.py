@@ -8,8 +8,9 @@ import click
 import pytest
 
 from egresslock.audit import AuditRecord
-from egresslock.cli.run_cmd import _identity, command_environment
+from egresslock.cli.run_cmd import _identity
 from egresslock.cli.run_summary import RunSummary
+from egresslock.cli.session import command_environment
 
 
 def test_environment_points_every_proxy_variable_at_the_sandbox_proxy() -> None:

@@ -85,6 +85,11 @@ class SandboxSpec:
     # The signal mask the command starts with: the parent blocks the signals it forwards until
     # its handlers are in place, and execve(2) would hand that block on.
     signal_mask: frozenset[int] = frozenset()
+    # Descriptors that become the command's stdin, stdout, stderr (None: inherit egresslock's),
+    # for a parent that talks to the command over pipes (the MCP gateway).
+    stdio: tuple[int | None, int | None, int | None] = (None, None, None)
+    # More descriptors the command keeps across exec, at the same numbers (a courier's channel).
+    keep_fds: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -218,6 +223,11 @@ def _child(spec: SandboxSpec, channel: socket.socket) -> None:  # pragma: no cov
 
         install_seccomp()
     signal.pthread_sigmask(signal.SIG_SETMASK, spec.signal_mask)
+    for target, fd in enumerate(spec.stdio):
+        if fd is not None and fd != target:
+            os.dup2(fd, target)  # the copy is inheritable; the original closes at exec
+    for fd in spec.keep_fds:
+        os.set_inheritable(fd, True)
     try:
         os.execvpe(spec.argv[0], list(spec.argv), dict(spec.env))  # noqa: S606
     except OSError as exc:
