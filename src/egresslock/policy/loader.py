@@ -167,7 +167,8 @@ def _duplicate_names(data: dict[str, Any], doc: _Document) -> list[PolicyProblem
     """Rule ids, secret and credential names must be unique. Checked on the raw data, so that
     duplicates are reported even when other problems stop the schema."""
     problems: list[PolicyProblem] = []
-    for section, key in (("rules", "id"), ("secrets", "name"), ("credentials", "name")):
+    for section, key in (("rules", "id"), ("secrets", "name"), ("credentials", "name"),
+                         ("actions", "name")):
         items = data.get(section)
         if not isinstance(items, list):
             continue
@@ -295,6 +296,11 @@ def parse_policy(text: str, filename: str = "<policy>") -> Policy:
     for i, rule in enumerate(policy.rules):
         problems.extend(_inspect_problems(rule, i, doc))
         problems.extend(_level_problems(policy, ("rules", i), rule.reads, rule.level, doc))
+    for i, action in enumerate(policy.actions):
+        problems.extend(_level_problems(policy, ("actions", i), action.reads, action.level, doc))
+    for i, tool in enumerate(policy.mcp.tools):
+        problems.extend(_level_problems(policy, ("mcp", "tools", i), tool.reads, tool.level,
+                                        doc))
     if problems:
         raise PolicyError(problems)
     return policy

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -439,6 +439,77 @@ class Output(_Strict):
     links: list[OutputTarget] = Field(default_factory=list)
 
 
+_ACTION_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_TOOL_PATTERN = re.compile(r"^[A-Za-z0-9_*.:/-]{1,128}$")
+
+
+class ActionRequest(_Strict):
+    """The request an action sends: everything but the declared parameters is fixed here."""
+
+    method: MethodStr
+    url: str = Field(description="https:// or http:// URL; '{param}' may stand for a whole "
+                     "path segment or query value, and is percent-encoded when filled in.")
+    headers: dict[HeaderStr, str] = Field(
+        default_factory=dict, description="Fixed headers; '{credential.NAME}' inserts the "
+        "placeholder of a credential, which the proxy replaces on the wire.")
+    body: Any = Field(default=None, description="JSON body template: a string that is "
+                      "exactly '{param}' becomes the parameter's JSON value.")
+
+
+class Action(_Strict):
+    """A call the courier makes for the agent: a request template and a parameter schema."""
+
+    name: str = Field(description="How the agent calls it: POST /actions/NAME.")
+    description: str = Field(default="", description="Shown to the agent in GET /actions.")
+    request: ActionRequest
+    params: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object", "properties": {}},
+        description="JSON Schema (2020-12) of the parameters: an object whose string "
+        "properties need enum, const or pattern, or 'x-free-text: true' with maxLength.")
+    reads: str | None = Field(default=None, description="Level the response carries.")
+    level: str | None = Field(default=None, description="Highest level the destination may "
+                              "receive (no write down).")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _ACTION_NAME.match(value):
+            raise ValueError(f"action name {value!r} must be 1-64 lower-case letters, digits "
+                             "and '_', beginning with a letter, like create_issue")
+        return value
+
+
+class McpTool(_Strict):
+    """What the MCP gateway lets through for tools whose name matches ``name``."""
+
+    name: str = Field(description="Tool name, or a pattern with '*' (any characters).")
+    action: Literal["allow", "deny"] = "allow"
+    reads: str | None = Field(default=None, description="Level of what its results carry: "
+                              "a result raises the session's mark.")
+    level: str | None = Field(default=None, description="Highest level its arguments may "
+                              "carry: denied once the session's mark is above.")
+    arguments: dict[str, Any] | None = Field(
+        default=None, description="JSON Schema (2020-12) the call's arguments must satisfy.")
+    scan: bool = Field(default=True, description="Refuse arguments holding a secret or a "
+                       "dynamic link.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _TOOL_PATTERN.match(value):
+            raise ValueError(f"tool pattern {value!r} must be 1-128 characters of letters, "
+                             "digits, '_', '-', '.', ':', '/' and '*'")
+        return value
+
+
+class Mcp(_Strict):
+    """The MCP gateway's per-tool policy. The first matching entry decides."""
+
+    tools: list[McpTool] = Field(default_factory=list)
+    default: Literal["allow", "deny"] = Field(
+        default="deny", description="For tools no entry matches.")
+
+
 class Policy(_Strict):
     """An egresslock policy file, version 1."""
 
@@ -468,6 +539,9 @@ class Policy(_Strict):
     levels: list[str] | None = Field(
         default=None, min_length=2, description="Ordered data levels, lowest first, like "
         "[public, internal, confidential]; rules name them in reads and level.")
+    actions: list[Action] = Field(
+        default_factory=list, description="Calls the courier makes for the agent.")
+    mcp: Mcp = Field(default_factory=Mcp, description="The MCP gateway's per-tool policy.")
 
     @field_validator("levels")
     @classmethod
