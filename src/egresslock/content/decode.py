@@ -29,6 +29,7 @@ class _Zlib:
     """gzip, or ``deflate``: zlib-wrapped per RFC 9110, though some clients send it raw."""
 
     def __init__(self, gzip: bool) -> None:
+        self._gzip = gzip
         self._d: Any = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzip else None
         self._first = b""
 
@@ -46,6 +47,15 @@ class _Zlib:
             data = self._d.unconsumed_tail
             if out:
                 yield out
+            if self._d.eof and (data or self._d.unused_data):
+                # Bytes after the end of the stream: gzip allows more members (RFC 1952 2.2)
+                # and receivers decode them all, so they are decoded and scanned too; after a
+                # deflate stream they are refused, since a receiver might read them somehow.
+                rest = self._d.unused_data + data
+                if not self._gzip:
+                    raise zlib.error("data after the end of the deflate stream")
+                self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                data = rest
 
 
 class _Brotli:

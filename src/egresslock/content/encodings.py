@@ -12,6 +12,7 @@ information, are confirmed against the original bytes (:attr:`Form.exact`).
 from __future__ import annotations
 
 import base64
+import codecs
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,17 +88,39 @@ def forms(value: bytes) -> list[Form]:
 
 _PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
 _ESCAPE = re.compile(rb"\\(?:u([0-9A-Fa-f]{4})|x([0-9A-Fa-f]{2})|([/\\]))")
-
-
-def _unpercent(m: re.Match[bytes]) -> bytes:
-    return bytes((int(m.group(1), 16),))
+_escape_decode: Callable[[bytes], tuple[bytes, int]] = codecs.escape_decode
+_HEXPAIR = {f"{a}{b}".encode(): bytes((int(a + b, 16),))
+            for a in "0123456789abcdefABCDEF" for b in "0123456789abcdefABCDEF"}
 
 
 def percent_decode(data: bytes, plus: bool = True) -> bytes:
     """``%XX`` decoded (and ``+`` as space when ``plus``); malformed escapes stay as they are."""
     if plus:
         data = data.replace(b"+", b" ")
-    return _PERCENT.sub(_unpercent, data)
+    if b"%" not in data:
+        return data
+    # Fast path, in C (about 800 MB/s): with every backslash doubled, '%XX' spelled '\xXX' is
+    # exactly what the bytes-escape codec decodes. A malformed escape ('%zz', a '%' at the
+    # end) makes it refuse, and the careful path below takes over.
+    try:
+        decoded: bytes = _escape_decode(data.replace(b"\\", b"\\\\").replace(b"%", b"\\x"))[0]
+    except ValueError:
+        return _percent_decode_slowly(data)
+    return decoded
+
+
+def _percent_decode_slowly(data: bytes) -> bytes:
+    # Split on '%' and look each pair up: about twice as fast as a regex with a callback.
+    parts = data.split(b"%")
+    out = [parts[0]]
+    pair = _HEXPAIR.get
+    for part in parts[1:]:
+        byte = pair(part[:2])
+        if byte is None:
+            out += (b"%", part)
+        else:
+            out += (byte, part[2:])
+    return b"".join(out)
 
 
 def _unescape(m: re.Match[bytes]) -> bytes:
@@ -112,23 +135,76 @@ def unescape(data: bytes) -> bytes:
     return _ESCAPE.sub(_unescape, data)
 
 
-def views(data: bytes, plus: bool = True) -> list[tuple[str, bytes]]:
-    """``data`` and each decoding of it that could hide a secret, named for the hit's record.
+class Views:
+    """The decodings of a haystack worth scanning, and only where they can matter.
 
-    Percent-decoding and unescaping are applied once and twice (``%2541`` is ``%41`` is ``A``;
-    ``\\\\u0041`` is ``\\u0041`` is ``A``).
-    Each decoding only when its marker byte occurs, so ordinary text costs one pass; ``plus``
-    says whether ``+`` alone (a space in form encoding) is such a marker.
+    A match that spans no decoded escape is the same bytes in the haystack as sent, so the
+    first pass already found it; a match that spans one lies within ``radius`` bytes of it
+    (the longest pattern, at the worst 9 bytes a character: ``%2541``). So a decoding is scanned
+    only in windows around escapes that decode to a byte some pattern holds (``relevant``): a
+    JSON body whose escapes spell accented letters and newlines, or a page with a few escapes,
+    costs one pass, not three. The escapes that matter are found by a regular expression that
+    matches only them, so the others cost no Python work at all; when windows would cover most
+    of the haystack it is decoded whole.
     """
-    out = [("", data)]
-    if b"%" in data or (plus and b"+" in data):
-        once = percent_decode(data, plus)
-        out.append(("percent-encoded", once))
-        if b"%" in once:
-            out.append(("percent-encoded twice", percent_decode(once)))
-    if b"\\" in data:
-        unescaped = unescape(data)
-        out.append(("escaped", unescaped))
-        if b"\\" in unescaped:  # escaped inside an escaped string: JSON in JSON
-            out.append(("escaped twice", unescape(unescaped)))
-    return out
+
+    __slots__ = ("_escape", "_percent", "plus", "radius")
+
+    def __init__(self, relevant: frozenset[int], radius: int, plus: bool) -> None:
+        codes = sorted(relevant | {ord("%"), ord("\\")} | {
+            b - 0x20 for b in relevant if 0x61 <= b <= 0x7A})  # upper case of each letter
+        alternation = b"|".join(b"%02x" % c for c in codes if c < 0x80)
+        self._percent = re.compile(rb"%(?i:" + alternation + rb")")
+        # A pattern with non-ASCII bytes (UTF-8) can be spelled with any \u escape above 0x7f.
+        wide = rb"|u[0-9a-fA-F]{4}" if any(c >= 0x80 for c in codes) else b""
+        self._escape = re.compile(rb"\\(?:(?i:u00(?:" + alternation + rb")|x(?:" +
+                                  alternation + rb"))|[/\\]" + wide + rb")")
+        self.radius = radius
+        self.plus = plus
+
+    def __call__(self, data: bytes) -> list[tuple[str, bytes]]:
+        out = [("", data)]
+        if b"%" in data:
+            for part in self._parts(data, self._percent):
+                once = percent_decode(part, plus=False)
+                out.append(("percent-encoded", once))
+                if b"%" in once:
+                    out.append(("percent-encoded twice", percent_decode(once, plus=False)))
+        if self.plus and b"+" in data:
+            # '+' as space (form encoding) is a second reading of the same bytes: a secret
+            # with a space may be sent with '+', one with a '+' with the '+' kept.
+            spaced = percent_decode(data, plus=True)
+            out.append(("form-encoded", spaced))
+            if b"%" in spaced:
+                out.append(("form-encoded twice", percent_decode(spaced, plus=True)))
+        if b"\\" in data:
+            for part in self._parts(data, self._escape):
+                unescaped = unescape(part)
+                out.append(("escaped", unescaped))
+                if b"\\" in unescaped:  # escaped inside an escaped string: JSON in JSON
+                    out.append(("escaped twice", unescape(unescaped)))
+        return out
+
+    def _parts(self, data: bytes, pattern: re.Pattern[bytes]) -> list[bytes]:
+        """The windows of ``data`` around the escapes ``pattern`` finds, or ``data`` whole
+        when they would cover most of it, or nothing when there are none."""
+        windows: list[list[int]] = []
+        covered, most = 0, len(data) // 2
+        for m in pattern.finditer(data):
+            start, end = max(0, m.start() - self.radius), m.end() + self.radius
+            if windows and start <= windows[-1][1]:
+                covered += end - windows[-1][1]
+                windows[-1][1] = end
+            else:
+                covered += end - start
+                windows.append([start, end])
+            if covered > most:
+                return [data]
+        return [data[a:b] for a, b in windows]
+
+
+def views(data: bytes, plus: bool = True) -> list[tuple[str, bytes]]:
+    """``data`` and each decoding of it, whole: percent-decoding and unescaping once and twice
+    (``%2541`` is ``%41`` is ``A``; ``\\\\u0041`` is ``\\u0041`` is ``A``), ``+`` as space
+    when ``plus``. :class:`Views` is the scanner's faster form of the same."""
+    return Views(frozenset(range(256)), max(len(data), 1), plus)(data)

@@ -158,7 +158,7 @@ class ContentPolicy:
         """
         hits = self.scanner.scan_name(host)
         if hits:
-            return f"name {host} holds {_hits(hits)}"
+            return f"the name {redact_name(host)} holds {_hits(hits)}"
         rule = self.rules.get(rule_id or "")
         if rule is not None and rule.links is not None and rule.wildcard is not None:
             labels = _wild_labels(host, rule.wildcard)
@@ -247,7 +247,9 @@ class ContentPolicy:
             binding = next(b for b in self.bindings if b.name == hit.name)
             for name, value in prepared.headers:
                 low = name.decode("latin-1").lower()
-                if low == "host" or not self.scanner.scan(b"%s: %s" % (name, value)):
+                if low == "host" or not any(
+                        h.kind is Kind.PLACEHOLDER and h.name == binding.name
+                        for h in self.scanner.scan(b"%s: %s" % (name, value))):
                     continue
                 if low not in binding.headers or not binding.serves(host):
                     refuse(f"placeholder of credential {binding.name} in header {low} of a "
@@ -284,6 +286,15 @@ class ContentPolicy:
         for b in bindings:
             data = b.redact(data)
         return data
+
+
+def redact_name(host: str) -> str:
+    """``host`` with the labels that could carry data replaced: where it was going (the last
+    two labels) stays for the log, what it carried does not."""
+    labels = host.rstrip(".").split(".")
+    if len(labels) <= 2:
+        return "<redacted>"
+    return "<redacted>." + ".".join(labels[-2:])
 
 
 def _wild_labels(host: str, suffix: str | None) -> tuple[str, ...]:

@@ -84,18 +84,25 @@ def judge_token(token: str, min_len: int) -> tuple[str, int] | None:
         return None
     switches = sum(_class(a) != _class(b) for a, b in itertools.pairwise(token))
     rate = switches / (n - 1)
-    has_digit = any(c.isdigit() for c in token)
+    digits = sum(c.isdigit() for c in token)
     has_upper = any(c.isupper() for c in token)
     has_lower = any(c.islower() for c in token)
     entropy = _entropy(token)
-    # A random string of n characters over an alphabet of 36+ shows close to log2(n) bits of
-    # entropy per character; words repeat letters and rarely switch character class.
-    if entropy < 0.8 * math.log2(min(n, 64)) or rate < 0.3:
+    # A random string of n characters shows close to log2(n) bits of entropy per character up
+    # to about 32 characters; past that the sample is too small to show the whole alphabet.
+    if entropy < 0.8 * math.log2(min(n, 32)):
         return None
-    if has_upper and has_lower and has_digit:
-        return "base64", n * 3 // 4
-    if has_digit and (has_lower or has_upper):
+    if has_upper and has_lower:
+        # Words and identifiers switch class rarely; base64 about two times in three.
+        if digits and rate >= 0.3:
+            return "base64", n * 3 // 4
+        return None
+    # One letter case: base32 (digits 2-7) and base36 switch only at digits, 0.3 on average,
+    # so judge by the share of digits instead; a name with a version number has one run.
+    if digits and 0.08 <= digits / n <= 0.7 and rate >= 0.12:
         return "random", n * 65 // 100
+    if n >= 24 and entropy >= 0.85 * math.log2(min(n, 26)):
+        return "letters", n * 58 // 100
     return None
 
 
@@ -103,13 +110,50 @@ def _decode(part: str) -> str:
     return unquote_to_bytes(part.replace("+", " ")).decode("utf-8", "replace")
 
 
-def _tokens(text: str, where: str, limits: LinkLimits) -> list[Token]:
-    found = []
+def _deep(text: str) -> str:
+    """``text`` percent-decoded until no escape is left (at most twice more)."""
+    for _ in range(2):
+        if "%" not in text:
+            break
+        text = unquote_to_bytes(text).decode("utf-8", "replace")
+    return text
+
+
+_WORD_SEP = re.compile(r"[-_]")
+_UNNEEDED = re.compile(r"%(?:3[0-9]|[46][1-9A-Fa-f]|[57][0-9Aa])")  # escaped letters, digits
+_HEXRUN = re.compile(r"^[0-9a-fA-F]+$")
+
+
+def _pieces(text: str, min_len: int) -> list[str]:
+    whole = text.rstrip("=")
+    if len(whole) >= min_len and all(c in _B64 for c in whole) and ("/" in whole or "+" in whole):
+        return [whole]  # standard base64 holds '/' and '+': judge it whole
+    out = []
     for token in _SPLIT.split(text):
+        parts = _WORD_SEP.split(token)
+        if len(parts) > 1 and ((len(parts) - 1) * 10 >= len(token) or any(
+                len(p) >= min_len and _HEXRUN.match(p) for p in parts)):
+            out += parts  # words joined by '-' or '_' (a wheel tag), or a name-<digest>
+        else:
+            out.append(token)
+    return out
+
+
+def _tokens(text: str, where: str, limits: LinkLimits, raw: str = "") -> list[Token]:
+    found = []
+    short = []
+    for token in _pieces(text, limits.min_token_len):
         judged = judge_token(token, limits.min_token_len)
         if judged is not None:
             found.append(Token(where, judged[0], judged[1]))
-    return found
+            continue
+        judged = judge_token(token, 8)
+        if judged is not None:
+            short.append(Token(where, "short " + judged[0], judged[1]))
+    unneeded = len(_UNNEEDED.findall(raw))
+    if unneeded >= 4:  # RFC 3986 2.3: letters and digits never need escaping
+        found.append(Token(where, "needlessly percent-encoded", unneeded))
+    return found + short
 
 
 def dynamic_reason(path: str | None, query: str | None, labels: tuple[str, ...],
@@ -127,18 +171,21 @@ def dynamic_reason(path: str | None, query: str | None, labels: tuple[str, ...],
             if not segment:
                 continue
             decoded = _decode(segment)
-            if _NESTED.search(decoded):
+            if _NESTED.search(_deep(decoded)):
                 return f"path segment {_show(decoded)} holds a URL (a nested link)"
-            tokens += _tokens(decoded, f"path segment {_show(decoded)}", limits)
+            tokens += _tokens(decoded, f"path segment {_show(decoded)}", limits, segment)
     if query:
         for pair in query.split("&"):
             name, _, value = pair.partition("=")
             decoded = _decode(value)
             shown = _decode(name)[:40]
-            if _NESTED.search(decoded):
+            if _NESTED.search(_deep(decoded)):
                 return f"query parameter {shown!r} holds a URL (a nested link)"
-            tokens += _tokens(_decode(name), f"query parameter name {shown!r}", limits)
-            tokens += _tokens(decoded, f"query parameter {shown!r}", limits)
+            tokens += _tokens(_decode(name), f"query parameter name {shown!r}", limits, name)
+            tokens += _tokens(decoded, f"query parameter {shown!r}", limits, value)
+    shorts = [t for t in tokens if t.kind.startswith("short ")]
+    if len(shorts) < 3:
+        tokens = [t for t in tokens if not t.kind.startswith("short ")]
     total = sum(t.data_bytes for t in tokens)
     if total <= limits.max_data_bytes:
         return None

@@ -15,15 +15,14 @@ found, and no byte of it has left when it is.
 from __future__ import annotations
 
 import enum
+import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from egresslock.content.detectors import Detector
-
-if TYPE_CHECKING:
-    from ahocorasick_rs import BytesAhoCorasick
-from egresslock.content.encodings import Form, forms, views
+from egresslock.content.encodings import Form, Views, forms
 
 
 class Kind(enum.Enum):
@@ -69,20 +68,68 @@ class _Entry:
     detector: Detector | None
 
 
-def _automaton(patterns: list[bytes]) -> BytesAhoCorasick:
-    import ahocorasick_rs
+class _Engine(Protocol):
+    def find(self, view: bytes) -> list[tuple[int, int, int]]:
+        """(pattern index, start, end) of every match, case-insensitive for ASCII."""
 
-    # The DFA costs more memory and build time than the NFAs (a few MB for a thousand
-    # patterns) and scans two to three times faster: measured 300 MB/s against 100-130 MB/s
-    # on a thousand secret forms (bench/bench_content.py).
-    return ahocorasick_rs.BytesAhoCorasick(patterns,
-                                           implementation=ahocorasick_rs.Implementation.DFA)
+
+class _Hyperscan:
+    """Hyperscan: SIMD literal matching, about 3 GB/s on a thousand secret forms here, and
+    case-insensitive without a lower-cased copy of the haystack. x86-64 only."""
+
+    def __init__(self, patterns: list[bytes]) -> None:
+        import re
+
+        import hyperscan
+
+        self._hs = hyperscan
+        self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+        flags = hyperscan.HS_FLAG_CASELESS | hyperscan.HS_FLAG_SOM_LEFTMOST
+        # Each literal as a regular expression matching exactly its bytes.
+        expressions = [re.escape(p.decode("latin-1")).encode("latin-1") for p in patterns]
+        self._db.compile(expressions=expressions, ids=list(range(len(patterns))),
+                         elements=len(patterns), flags=[flags] * len(patterns))
+        self._lock = threading.Lock()  # one scratch space: one scan at a time
+
+    def find(self, view: bytes) -> list[tuple[int, int, int]]:
+        found: list[tuple[int, int, int]] = []
+
+        def on_match(index: int, start: int, end: int, flags: int, context: object) -> None:
+            found.append((index, start, end))
+
+        with self._lock:
+            self._db.scan(view, match_event_handler=on_match)
+        return found
+
+
+class _AhoCorasick:
+    """ahocorasick-rs's DFA over a lower-cased copy: about 300 MB/s on a thousand forms; the
+    engine where Hyperscan is not available."""
+
+    def __init__(self, patterns: list[bytes]) -> None:
+        import ahocorasick_rs
+
+        self._ac = ahocorasick_rs.BytesAhoCorasick(
+            patterns, implementation=ahocorasick_rs.Implementation.DFA)
+
+    def find(self, view: bytes) -> list[tuple[int, int, int]]:
+        return self._ac.find_matches_as_indexes(view.lower(), overlapping=True)
+
+
+def _engine(patterns: list[bytes]) -> _Engine:
+    """The fastest multi-pattern engine this machine has; both find the same matches."""
+    if os.environ.get("EGRESSLOCK_MATCHER") != "aho-corasick":
+        try:
+            return _Hyperscan(patterns)
+        except ImportError:
+            pass
+    return _AhoCorasick(patterns)
 
 
 class Scanner:
     """Finds every needle and detector in bytes, in every supported encoding. Immutable."""
 
-    __slots__ = ("_ac", "_entries", "_plus", "hold_back", "names")
+    __slots__ = ("_ac", "_entries", "_spaced", "_views", "hold_back", "names")
 
     def __init__(self, needles: Iterable[Needle], detectors: Iterable[Detector] = ()) -> None:
         by_pattern: dict[bytes, list[_Entry]] = {}
@@ -101,16 +148,28 @@ class Scanner:
             for anchor in det.anchors:
                 by_pattern.setdefault(anchor, []).append(
                     _Entry(det.name, Kind.DETECTOR, None, det))
-            longest = max(longest, 512)  # the longest shape a detector confirms (PEM header)
+            # A detector's shape is confirmed from its anchor; its shortest full match (an AWS
+            # key id is 20 characters, a fine-grained GitHub token 93) must fit in a window.
+            longest = max(longest, 100)
         self.names = tuple(names)
-        # '+' decodes to a space: only worth a second pass when some needle holds a space.
-        self._plus = any(b" " in n for n in by_pattern)
         patterns = list(by_pattern)
         self._entries = [by_pattern[p] for p in patterns]
-        self._ac = _automaton(patterns) if patterns else None
+        self._ac = _engine(patterns) if patterns else None
+        # A match in the '+'-as-space reading that is not in the bytes as sent must span a
+        # decoded '+', so it is a pattern with a space: that reading gets a small automaton of
+        # those alone (a base64 body full of '+' costs a fraction of a second full pass).
+        spaced = [i for i, p in enumerate(patterns) if b" " in p]
+        self._spaced = (_engine([patterns[i] for i in spaced]), spaced) if spaced else None
         # A secret percent-encoded twice takes 9 bytes a character (%2541), escaped 6 (\u0041):
         # a stream keeps this much unsent until the next bytes show it holds no secret's start.
         self.hold_back = 9 * longest
+        relevant = {b for pattern in by_pattern for b in pattern}
+        if any(e.detector is not None for entries in by_pattern.values() for e in entries):
+            # A detector's shape continues past its anchor: any letter, digit or separator.
+            relevant |= set(b"abcdefghijklmnopqrstuvwxyz0123456789_-/+=.:@ ")
+        # '+' decodes to a space: only worth a second reading when some needle holds a space.
+        self._views = Views(frozenset(relevant), self.hold_back,
+                            plus=any(b" " in p for p in by_pattern))
 
     @property
     def empty(self) -> bool:
@@ -122,7 +181,7 @@ class Scanner:
         if self._ac is None or not data:
             return []
         hits: dict[tuple[str, Kind], Hit] = {}
-        for decoding, view in views(data, self._plus):
+        for decoding, view in self._views(data):
             for hit in self._scan_view(view, decoding, caseless):
                 key = (hit.name, hit.kind)
                 if key not in hits:
@@ -144,9 +203,12 @@ class Scanner:
         return hits
 
     def _scan_view(self, view: bytes, decoding: str, caseless: bool) -> list[Hit]:
-        lower = view.lower()
         assert self._ac is not None
-        found = self._ac.find_matches_as_indexes(lower, overlapping=True)
+        if decoding.startswith("form-encoded") and self._spaced is not None:
+            engine, numbers = self._spaced
+            found = [(numbers[i], a, b) for i, a, b in engine.find(view)]
+        else:
+            found = self._ac.find(view)
         out: list[Hit] = []
         for index, start, end in found:
             for entry in self._entries[index]:

@@ -102,6 +102,28 @@ class PolicyHolder:
 AuditSink = Callable[[AuditRecord], None]
 
 
+def scrub(record: AuditRecord, content: ContentPolicy) -> AuditRecord:
+    """``record`` with any host, SNI or path that holds a secret (or placeholder, or
+    credential-shaped value) replaced by a redacted form that keeps where it was going."""
+    if content.scanner.empty:
+        return record
+    from dataclasses import replace
+
+    from egresslock.content.engine import redact_name
+
+    host, path, extra = record.host, record.path, record.extra
+    if host and content.scanner.scan_name(host):
+        host = redact_name(host)
+    if path and content.scanner.scan_text(path):
+        path = "<redacted: it held a secret>"
+    sni = (extra or {}).get("sni")
+    if isinstance(sni, str) and content.scanner.scan_name(sni):
+        extra = {**(extra or {}), "sni": redact_name(sni)}
+    if (host, path, extra) == (record.host, record.path, record.extra):
+        return record
+    return replace(record, host=host, path=path, extra=extra)
+
+
 def upstream_context(cafile: str | None) -> ssl.SSLContext:
     """Full verification of upstream servers: the system trust store, or ``cafile`` instead."""
     ctx = ssl.create_default_context(cafile=cafile)
@@ -196,7 +218,12 @@ class ProxyContext:
         return decision
 
     def log(self, record: AuditRecord) -> None:
-        """Write an audit row and count it; never raises into a handler."""
+        """Write an audit row and count it; never raises into a handler.
+
+        A secret must not reach the log either (it names secrets, never their values): a
+        host, SNI or path that holds one is written redacted.
+        """
+        record = scrub(record, self.content)
         self.audit(record)
         if self.metrics is not None:
             from egresslock.proxy.metrics import reason_kind
