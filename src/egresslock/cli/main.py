@@ -13,6 +13,7 @@ from egresslock.cli.ca_cmd import ca, env
 from egresslock.cli.check_cmd import check
 from egresslock.cli.compile_cmd import compile_
 from egresslock.cli.doctor_cmd import doctor
+from egresslock.cli.mcp_cmd import mcp
 from egresslock.cli.policy_cmd import policy
 from egresslock.cli.proxy_cmd import proxy
 from egresslock.cli.run_cmd import run
@@ -44,6 +45,7 @@ cli.add_command(policy)
 cli.add_command(check)
 cli.add_command(audit)
 cli.add_command(run)
+cli.add_command(mcp)
 cli.add_command(proxy)
 cli.add_command(ca)
 cli.add_command(env)

@@ -17,6 +17,8 @@ def _destination(record: AuditRecord) -> str:
     # must not pay for it.
     from egresslock.policy.normalize import join_authority
 
+    if record.layer == "mcp":  # the MCP gateway's calls: no host, a method and a name
+        return f"{record.method} {record.path}"
     host = record.host or record.address or "?"
     if record.port is None:
         return host
