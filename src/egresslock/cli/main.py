@@ -8,15 +8,6 @@ import sys
 import click
 
 from egresslock import __version__
-from egresslock.cli.audit_cmd import audit
-from egresslock.cli.ca_cmd import ca, env
-from egresslock.cli.check_cmd import check
-from egresslock.cli.compile_cmd import compile_
-from egresslock.cli.doctor_cmd import doctor
-from egresslock.cli.mcp_cmd import mcp
-from egresslock.cli.policy_cmd import policy
-from egresslock.cli.proxy_cmd import proxy
-from egresslock.cli.run_cmd import run
 from egresslock.errors import EgresslockError
 
 # Exit codes shared by every command.
@@ -24,7 +15,42 @@ EXIT_DENIED = 1
 EXIT_USAGE = 2
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# Each command's module, imported only when that command runs (or --help lists them all):
+# `egresslock run` wrapping a tool call must not pay for the compilers, the sanitizer's parsers
+# or the MCP SDK.
+COMMANDS = {
+    "policy": ("egresslock.cli.policy_cmd", "policy"),
+    "check": ("egresslock.cli.check_cmd", "check"),
+    "audit": ("egresslock.cli.audit_cmd", "audit"),
+    "run": ("egresslock.cli.run_cmd", "run"),
+    "mcp": ("egresslock.cli.mcp_cmd", "mcp"),
+    "proxy": ("egresslock.cli.proxy_cmd", "proxy"),
+    "ca": ("egresslock.cli.ca_cmd", "ca"),
+    "env": ("egresslock.cli.ca_cmd", "env"),
+    "doctor": ("egresslock.cli.doctor_cmd", "doctor"),
+    "compile": ("egresslock.cli.compile_cmd", "compile_"),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose commands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        found = COMMANDS.get(cmd_name)
+        if found is None:
+            return None
+        import importlib
+
+        command = getattr(importlib.import_module(found[0]), found[1])
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=LazyGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="egresslock")
 def cli() -> None:
     """egresslock: a no-exfiltration channel for AI agents.
@@ -39,18 +65,6 @@ def cli() -> None:
       egresslock check -p policy.yaml URL     ask what the policy decides for one request
       egresslock run -p policy.yaml -- CMD    run CMD with egresslock as its only way out
     """
-
-
-cli.add_command(policy)
-cli.add_command(check)
-cli.add_command(audit)
-cli.add_command(run)
-cli.add_command(mcp)
-cli.add_command(proxy)
-cli.add_command(ca)
-cli.add_command(env)
-cli.add_command(doctor)
-cli.add_command(compile_)
 
 
 def main() -> None:

@@ -208,7 +208,7 @@ def _private_dirs(ca_dir: Path | None) -> list[str]:
     (``transform.key``) live in the CA directory, and the audit log must not be rewritten by
     what it records."""
     from egresslock.audit import default_db_path
-    from egresslock.proxy.ca import default_ca_dir
+    from egresslock.paths import default_ca_dir
 
     dirs = [ca_dir or default_ca_dir(), default_db_path().parent]
     return [str(d) for d in dirs if d.is_dir()]

@@ -399,7 +399,7 @@ def key_loader(directory: Path | None) -> Callable[[], bytes]:
 
         if directory is not None:
             return load_or_create_key(directory)
-        from egresslock.proxy.ca import default_ca_dir
+        from egresslock.paths import default_ca_dir
 
         return load_or_create_key(default_ca_dir())
 

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from egresslock.errors import EgresslockError
+from egresslock.paths import default_ca_dir
 
 SYSTEM_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt",
                   "/etc/ssl/cert.pem")
@@ -37,14 +38,6 @@ SYSTEM_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-b
 
 class CAError(EgresslockError):
     """The CA is missing, unreadable or unsafe; the message says how to fix it."""
-
-
-def default_ca_dir() -> Path:
-    env = os.environ.get("EGRESSLOCK_CA_DIR")
-    if env:
-        return Path(env)
-    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data) / "egresslock" / "ca"
 
 
 def _now() -> datetime.datetime:
