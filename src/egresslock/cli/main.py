@@ -24,6 +24,7 @@ COMMANDS = {
     "audit": ("egresslock.cli.audit_cmd", "audit"),
     "run": ("egresslock.cli.run_cmd", "run"),
     "mcp": ("egresslock.cli.mcp_cmd", "mcp"),
+    "courier": ("egresslock.cli.courier_cmd", "courier"),
     "proxy": ("egresslock.cli.proxy_cmd", "proxy"),
     "ca": ("egresslock.cli.ca_cmd", "ca"),
     "env": ("egresslock.cli.ca_cmd", "env"),

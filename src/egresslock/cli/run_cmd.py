@@ -29,6 +29,7 @@ from egresslock.cli.session import (  # noqa: F401  command_environment: the tes
 )
 
 if TYPE_CHECKING:
+    from egresslock.cli.courier_session import Courier
     from egresslock.sandbox.spawn import Sandboxed
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
@@ -129,6 +130,13 @@ def run(policy_file: Path, audit_path: Path | None, resolve: tuple[str, ...],
                                      connect_timeout, level, quiet))
     uid, gid = _identity(user)
     spec = session.spec(command, uid, gid, share=share, transparent=transparent)
+    courier: Courier | None = None
+    if session.ctx.policy.current.source.actions:  # else the courier's code is never loaded
+        from egresslock.cli.courier_session import plan_courier
+
+        courier = plan_courier(session, uid, gid)
+    if courier is not None:
+        spec = courier.agent_spec(spec)
     become_subreaper()
     # Until _supervise installs its handlers, a SIGTERM would kill egresslock and leave the
     # command to its parent-death signal: hold the forwarded signals back until then.
@@ -136,6 +144,8 @@ def run(policy_file: Path, audit_path: Path | None, resolve: tuple[str, ...],
     spec = replace(spec, signal_mask=frozenset(mask))
     try:
         preload()
+        if courier is not None:
+            courier.start()  # ready (non-dumpable, files given up) before the agent exists
         sandboxed = spawn(spec)  # first: no thread may exist yet
     except SandboxError as exc:
         click.echo(f"egresslock: {exc}", err=True)
@@ -147,7 +157,7 @@ def run(policy_file: Path, audit_path: Path | None, resolve: tuple[str, ...],
     audit = session.open_audit()
     code = 125
     try:
-        code = _run_loop(_supervise(session, sandboxed), no_uvloop)
+        code = _run_loop(_supervise(session, sandboxed, courier), no_uvloop)
     finally:
         end_tree()
         sandboxed.sockets.close()
@@ -170,11 +180,14 @@ def _run_loop(coro: object, no_uvloop: bool) -> int:
     return result[0] if result else 125
 
 
-async def _supervise(session: Session, sandboxed: Sandboxed) -> int:
+async def _supervise(session: Session, sandboxed: Sandboxed,
+                     courier: Courier | None = None) -> int:
     from egresslock.sandbox.process import wait_exit
 
     loop = asyncio.get_running_loop()
-    served = await session.serve(sandboxed)
+    served = await session.serve(sandboxed, courier.handle if courier is not None else None)
+    if courier is not None:
+        await courier.serve()
     pid = sandboxed.pid
 
     def forward(sig: signal.Signals) -> None:
@@ -190,6 +203,8 @@ async def _supervise(session: Session, sandboxed: Sandboxed) -> int:
         return await wait_exit(pid)
     finally:
         await served.close()
+        if courier is not None:
+            await courier.close()
 
 
 def _terminal_delivers_sigint() -> bool:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from egresslock.dns.names import NameBook
     from egresslock.policy.model import Policy
     from egresslock.policy.normalize import IPAddress
+    from egresslock.proxy.actions import ActionHandler
     from egresslock.proxy.context import ProxyContext
     from egresslock.proxy.server import ProxyServer
     from egresslock.sandbox.spawn import Sandboxed, SandboxSpec
@@ -138,15 +139,16 @@ class Session:
         self.summary.sink = self.audit.record
         return self.audit
 
-    async def serve(self, sandboxed: Sandboxed) -> Served:
-        """Serve a sandboxed command's sockets: proxy, transparent capture, DNS, drops."""
+    async def serve(self, sandboxed: Sandboxed, actions: ActionHandler | None = None) -> Served:
+        """Serve a sandboxed command's sockets: proxy, transparent capture, DNS, drops.
+        ``actions`` answers the courier's endpoint (/actions) on this command's proxy port."""
         from egresslock.dns.names import NameBook
         from egresslock.proxy.server import ProxyServer
 
         if self._names is None:
             self._names = NameBook()
         names = self._names
-        server = ProxyServer(self.ctx, names.names_for)
+        server = ProxyServer(self.ctx, names.names_for, actions)
         socks = sandboxed.sockets
         for s in socks.proxy:
             server.serve(s)

@@ -20,6 +20,7 @@ from egresslock.audit import AuditRecord
 from egresslock.errors import InputError, ProxyError
 from egresslock.policy import normalize_host
 from egresslock.policy.normalize import split_authority
+from egresslock.proxy.actions import ActionHandler, action_path, serve_action
 from egresslock.proxy.conn import Conn, HeadTooLarge
 from egresslock.proxy.context import ProxyContext
 from egresslock.proxy.forward import (
@@ -67,8 +68,11 @@ def make_listener(host: str, port: int, backlog: int = 1024) -> socket.socket:
 class ProxyServer:
     """Serves the proxy on listening sockets it is given (so a sandbox can pass them in)."""
 
-    def __init__(self, ctx: ProxyContext, names_for: NamesFor | None = None) -> None:
+    def __init__(self, ctx: ProxyContext, names_for: NamesFor | None = None,
+                 actions: ActionHandler | None = None) -> None:
         self.ctx = ctx
+        # The courier's endpoint (/actions on the proxy's own address); None: no such endpoint.
+        self.actions = actions
         # For transparent capture: the names the sandbox's DNS stub gave for an address.
         self.names_for: NamesFor = names_for or (lambda _address: ())
         self._tasks: set[asyncio.Task[None]] = set()
@@ -248,6 +252,10 @@ class ProxyServer:
             self.ctx.log(AuditRecord(layer="http", verdict="deny", rule_id="default",
                                      reason=str(exc), path=_printable(raw), protocol="tcp"))
             return False
+        if self.actions is not None and dest is None:
+            path = action_path(head, client.sock.getsockname()[1])
+            if path is not None:
+                return await serve_action(self.ctx, self.actions, head, client, path)
         if dest is not None:
             forwarded = await self._as_forwarded(head, dest)
             if isinstance(forwarded, str):
