@@ -126,10 +126,15 @@ def _engine(patterns: list[bytes]) -> _Engine:
     return _AhoCorasick(patterns)
 
 
-class Scanner:
-    """Finds every needle and detector in bytes, in every supported encoding. Immutable."""
+_CACHED_SIZE = 512
+_CACHE_ENTRIES = 4096
 
-    __slots__ = ("_ac", "_entries", "_spaced", "_views", "hold_back", "names")
+
+class Scanner:
+    """Finds every needle and detector in bytes, in every supported encoding. What it finds
+    never changes; it only remembers the answers for short inputs."""
+
+    __slots__ = ("_ac", "_cache", "_entries", "_spaced", "_views", "hold_back", "names")
 
     def __init__(self, needles: Iterable[Needle], detectors: Iterable[Detector] = ()) -> None:
         by_pattern: dict[bytes, list[_Entry]] = {}
@@ -155,6 +160,9 @@ class Scanner:
         patterns = list(by_pattern)
         self._entries = [by_pattern[p] for p in patterns]
         self._ac = _engine(patterns) if patterns else None
+        # Hosts, paths and header blocks repeat: short inputs' results are remembered (a
+        # proxied request asks about its name three times: DNS, the proxy, the log).
+        self._cache: dict[tuple[bytes, str, bool], list[Hit]] = {}
         # A match in the '+'-as-space reading that is not in the bytes as sent must span a
         # decoded '+', so it is a pattern with a space: that reading gets a small automaton of
         # those alone (a base64 body full of '+' costs a fraction of a second full pass).
@@ -180,13 +188,24 @@ class Scanner:
         ``caseless`` accepts case-sensitive forms in any case (for DNS names, which lose it)."""
         if self._ac is None or not data:
             return []
+        short = len(data) <= _CACHED_SIZE
+        if short:
+            known = self._cache.get((data, where, caseless))
+            if known is not None:
+                return list(known)
         hits: dict[tuple[str, Kind], Hit] = {}
         for decoding, view in self._views(data):
             for hit in self._scan_view(view, decoding, caseless):
                 key = (hit.name, hit.kind)
                 if key not in hits:
                     hits[key] = Hit(hit.name, hit.kind, hit.encoding, where)
-        return list(hits.values())
+        found = list(hits.values())
+        if short:
+            if len(self._cache) >= _CACHE_ENTRIES:
+                self._cache.clear()
+            self._cache[(data, where, caseless)] = found
+            return list(found)
+        return found
 
     def scan_text(self, text: str, where: str = "") -> list[Hit]:
         return self.scan(text.encode("utf-8", "surrogateescape"), where)
