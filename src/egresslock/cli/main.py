@@ -29,6 +29,7 @@ COMMANDS = {
     "ca": ("egresslock.cli.ca_cmd", "ca"),
     "env": ("egresslock.cli.ca_cmd", "env"),
     "doctor": ("egresslock.cli.doctor_cmd", "doctor"),
+    "sanitize": ("egresslock.cli.sanitize_cmd", "sanitize"),
     "compile": ("egresslock.cli.compile_cmd", "compile_"),
 }
 
