@@ -236,3 +236,14 @@ def test_views_decode_once_twice_and_escapes() -> None:
     assert dict(views(b"a\\u0041\\/"))["escaped"] == b"aA/"
     assert percent_decode(b"%zz%4") == b"%zz%4"  # malformed escapes stay as they are
     assert unescape(b"\\x41") == b"A"
+
+
+def test_secret_in_invisible_unicode_tag_characters() -> None:
+    """Tag characters (U+E0020-U+E007E) spell ASCII invisibly ("ASCII smuggling")."""
+    secret = b"canary-7f3a9c2e41d8b6"
+    hidden = "".join(chr(0xE0000 + c) for c in secret).encode()
+    s = Scanner([Needle("canary", secret, Kind.SECRET)])
+    hits = s.scan(b"a note " + hidden + b" ends")
+    assert [(h.name, h.encoding) for h in hits] == [
+        ("canary", "plain, in invisible Unicode tag characters")]
+    assert s.scan("ordinary text \U000e0041 with one tag".encode()) == []

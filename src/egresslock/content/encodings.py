@@ -130,6 +130,20 @@ def _unescape(m: re.Match[bytes]) -> bytes:
     return chr(code).encode("utf-8", "surrogatepass")
 
 
+# Unicode tag characters (U+E0020-U+E007E) are invisible and spell ASCII one for one ("ASCII
+# smuggling"): in UTF-8 they are F3 A0 80 A0 to F3 A0 81 BE.
+_TAG = re.compile(rb"\xf3\xa0([\x80\x81])([\x80-\xbf])")
+
+
+def _untag_one(m: re.Match[bytes]) -> bytes:
+    return bytes(((m.group(1)[0] & 0x3F) << 6 | (m.group(2)[0] & 0x3F),))
+
+
+def untag(data: bytes) -> bytes:
+    """Unicode tag characters replaced by the ASCII they spell."""
+    return _TAG.sub(_untag_one, data)
+
+
 def unescape(data: bytes) -> bytes:
     """JSON and JavaScript escapes (``\\u0041``, ``\\x41``, ``\\/``, ``\\\\``) decoded."""
     return _ESCAPE.sub(_unescape, data)
@@ -177,6 +191,8 @@ class Views:
             out.append(("form-encoded", spaced))
             if b"%" in spaced:
                 out.append(("form-encoded twice", percent_decode(spaced, plus=True)))
+        if b"\xf3\xa0" in data:
+            out.append(("in invisible Unicode tag characters", untag(data)))
         if b"\\" in data:
             for part in self._parts(data, self._escape):
                 unescaped = unescape(part)
