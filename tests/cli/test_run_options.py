@@ -8,7 +8,7 @@ import click
 import pytest
 
 from egresslock.audit import AuditRecord
-from egresslock.cli.run_cmd import _identity
+from egresslock.cli.options import command_identity as _identity
 from egresslock.cli.run_summary import RunSummary
 from egresslock.cli.session import command_environment
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from egresslock.cli.options import command_identity
 from egresslock.cli.proxy_cmd import _run, raise_fd_limit
 from egresslock.cli.session import (  # noqa: F401  command_environment: the tests import it here
     Session,
@@ -34,33 +35,6 @@ if TYPE_CHECKING:
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
                      signal.SIGUSR1, signal.SIGUSR2)
-
-
-def _identity(user: str | None) -> tuple[int, int]:
-    """The uid and gid the command runs as. Never root: as root, --user, else the user sudo
-    came from, else nobody."""
-    from egresslock.sandbox.spawn import default_identity
-
-    if user is None:
-        return default_identity()
-    if os.geteuid() != 0:
-        raise click.BadParameter("only root can choose the user a command runs as",
-                                 param_hint="--user")
-    import pwd
-
-    try:
-        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-        uid, gid = entry.pw_uid, entry.pw_gid
-    except KeyError:
-        if not user.isdigit():
-            raise click.BadParameter(f"no user called {user!r}; give a name from /etc/passwd "
-                                     "or a numeric uid", param_hint="--user") from None
-        uid = gid = int(user)
-    if uid == 0:
-        raise click.BadParameter("the command may not run as root (uid 0): root inside the "
-                                 "sandbox could leave it; choose another user",
-                                 param_hint="--user")
-    return uid, gid
 
 
 @click.command(context_settings={"ignore_unknown_options": True,
@@ -128,7 +102,7 @@ def run(policy_file: Path, audit_path: Path | None, resolve: tuple[str, ...],
     raise_fd_limit()
     session = Session(SessionOptions(policy_file, audit_path, resolve, upstream_ca, ca_dir,
                                      connect_timeout, level, quiet))
-    uid, gid = _identity(user)
+    uid, gid = command_identity(user)
     spec = session.spec(command, uid, gid, share=share, transparent=transparent)
     courier: Courier | None = None
     if session.ctx.policy.current.source.actions:  # else the courier's code is never loaded
