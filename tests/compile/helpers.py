@@ -1,7 +1,8 @@
 """Shared by the compile tests: the example policies, compiling them, and the schema validators.
 
-The schemas are the third-party files in ``../shared/schemas`` (see its README for provenance);
-``EGRESSLOCK_SCHEMAS`` points elsewhere. Where they are missing, validation skips with the
+The schemas are third-party data files, copied unchanged into ``tests/compile/schemas`` (its
+README gives the source and git blob id of each); ``EGRESSLOCK_SCHEMAS`` points elsewhere.
+Where they are missing, validation skips with the
 reason (or fails under ``EGRESSLOCK_REQUIRE_SANDBOX=1``, like every other skipped check).
 """
 
@@ -24,7 +25,7 @@ from tests.conftest import require_sandbox
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 GOLDEN = Path(__file__).resolve().parent / "golden"
-SCHEMAS = Path(os.environ.get("EGRESSLOCK_SCHEMAS", ROOT.parent / "shared" / "schemas"))
+SCHEMAS = Path(os.environ.get("EGRESSLOCK_SCHEMAS", Path(__file__).parent / "schemas"))
 EXAMPLE_POLICIES = ("basic", "local-demo", "package-mirrors", "internal-api", "private-data")
 TARGETS = ("nftables", "iptables", "cilium", "kubernetes", "seccomp", "compose")
 

@@ -1,6 +1,6 @@
 """Every generated object validates against the schema of the engine that reads it.
 
-The schemas are upstream's, copied unchanged into ../shared/schemas (see its README): the
+The schemas are upstream's, copied unchanged into tests/compile/schemas (see its README): the
 CiliumNetworkPolicy CRD and a strict copy, Kubernetes' NetworkPolicy (and kubernetes-validate for
 every object), the OCI runtime spec's seccomp section, and the Compose specification. The negative
 tests prove each validator is awake: a misspelt key must fail.

@@ -34,6 +34,7 @@ import sys
 import sysconfig
 from dataclasses import replace
 from importlib.util import find_spec
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -152,9 +153,13 @@ class Courier:
     def _worker_spec(self, fd: int, devnull: int) -> SandboxSpec:
         argv = [sys.executable, "-I", "-m", "egresslock.courier.worker", "--fd", str(fd)]
         agent_dirs = [os.getcwd(), *([os.environ["HOME"]] if os.environ.get("HOME") else [])]
+        needed = needed_paths()
+        # The interpreter and egresslock may live below a directory every sandbox hides (a
+        # checkout and its venv in /tmp): those paths are carried through, nothing else.
         spec = self.session.spec(argv, self.uid, self.gid, env={"PATH": "/usr/bin:/bin",
                                                                  "LANG": "C.UTF-8"},
-                                 cwd="/", hide=hidden_from_worker(agent_dirs, needed_paths()))
+                                 cwd="/", share=[Path(p) for p in needed],
+                                 hide=hidden_from_worker(agent_dirs, needed))
         # The placeholders travel over the channel, after the worker made itself non-dumpable.
         names = {c.name for c in self.ctx.policy.current.source.credentials}
         env = {k: v for k, v in spec.env.items() if k not in names}
