@@ -1,10 +1,9 @@
 """The audit log: one SQLite database, one row per decision of every layer, hash-chained.
 
 Every enforcement point (http, connect, tls, dns, drop, sanitize, courier, mcp; flow for the
-session's mark) hands its
-decisions to :meth:`AuditLog.record`, allow and deny alike. The call only enqueues; a writer thread
-commits batches to a database in WAL mode, and readers (``egresslock audit``) query it while the
-proxy runs. Modules:
+session's mark) hands its decisions to :meth:`AuditLog.record`, allow and deny alike. The call only
+enqueues; a writer thread commits batches to a database in WAL mode, and readers (``egresslock
+audit``) query it while the proxy runs. Modules:
 
 - :mod:`~egresslock.audit.record`  the row (``AuditRecord`` in, ``AuditRow`` stored), the chain hash
 - :mod:`~egresslock.audit.schema`  the file: path, schema version, pragmas, connections
