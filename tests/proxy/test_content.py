@@ -47,6 +47,9 @@ rules:
   - id: links
     host: write.test
     ports: [{http}]
+  - id: cdn
+    host: "*.cdn.test"
+    ports: [443]
   - id: budget
     host: meta.test
     ports: [{http}]
@@ -295,3 +298,29 @@ def test_report_mode_logs_what_content_checks_would_refuse(
     row = last_row(p, "/reported")
     assert row["verdict"] == "report"
     assert "secret canary in the body" in str(row["reason"])
+
+
+@pytest.mark.parametrize("label", [
+    SECRET.encode().hex()[:40] + "." + SECRET.encode().hex()[40:],   # hex, split across labels
+    "q8zr2lx9tb4nm7kpw3vj6hd1yf5gc0sa.m2n8b4v6c1x9z7l5k3j0h8g6f4d2s1a9",  # data, no secret
+], ids=["secret-in-labels", "dynamic-label"])
+def test_a_tunnel_name_carrying_data_is_refused_before_any_lookup(
+        cproxy: RunningProxy, label: str) -> None:
+    """The CONNECT host (which the SNI must then equal) is checked like a DNS name: a secret
+    in any label, or data in the labels a wildcard rule matches, is refused with 403 before the
+    proxy resolves it, and the log does not hold the secret."""
+    host = f"{label}.cdn.test"
+    with socket.create_connection(("127.0.0.1", cproxy.port), timeout=10) as s:
+        s.sendall(b"CONNECT %s:443 HTTP/1.1\r\nHost: %s:443\r\n\r\n" % (
+            host.encode(), host.encode()))
+        reply = s.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 403"), reply
+    row = [r for r in cproxy.rows() if r["layer"] == "connect"][-1]
+    assert row["verdict"] == "deny"
+    assert row["rule_id"] == "cdn"
+    assert SECRET.encode().hex()[:16] not in json.dumps(row)
+    if "secret" in str(row["reason"]):
+        assert "secret canary" in str(row["reason"])
+        assert str(row["host"]).startswith("<redacted>")
+    else:
+        assert "dynamic name" in str(row["reason"])
