@@ -25,7 +25,8 @@ credentials:
   - {name: TLS_TOKEN, value: "tok-0123456789abcdefXYZ", hosts: [secure.test],
      headers: [Authorization]}
 rules:
-  - {id: api, host: api.test, ports: [80], methods: [POST], paths: ["/repos/*/issues"]}
+  - {id: api, host: api.test, ports: [80], methods: [POST], paths: ["/repos/*/issues"],
+     via: courier}
   - {id: open, host: open.test, ports: [80]}
   - {id: secure-plain, host: secure.test, ports: [443]}
   - {id: inspected, host: inspected.test, ports: [443], inspect: true, methods: [POST]}
@@ -204,7 +205,8 @@ def test_warnings_name_a_rule_the_agent_could_use_directly() -> None:
     templates, problems, warnings = _check(_action("http://open.test/{repo}"))
     assert problems == []
     assert "act" in templates
-    assert any("rule open allows any method and path" in w for w in warnings), warnings
+    assert any("rule open lets the agent send to open.test directly" in w and
+               "via: courier" in w for w in warnings), warnings
     _, problems, warnings = _check(_action("https://secure.test/{repo}"))
     assert problems == []
     assert any("does not inspect secure.test" in w for w in warnings), warnings
@@ -261,6 +263,7 @@ def test_the_starter_example_of_the_docs_is_valid() -> None:
             inspect: true
             methods: [POST]
             paths: ["/repos/acme/*/issues"]
+            via: courier
         actions:
           - name: create_issue
             description: Open an issue in one of acme's public repositories.

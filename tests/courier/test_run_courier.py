@@ -38,7 +38,7 @@ rules:
   - {{id: private-repo, host: app.test, ports: [80], methods: [GET], paths: ["/private/**"],
      reads: confidential}}
   - {{id: issues, host: app.test, ports: [80], methods: [POST],
-     paths: ["/repos/acme/*/issues", "/repos/acme/*/labels/*"], level: public}}
+     paths: ["/repos/acme/*/issues", "/repos/acme/*/labels/*"], level: public, via: courier}}
 actions:
   - name: create_issue
     description: Open an issue in one of our public repositories.
@@ -157,10 +157,15 @@ def test_calls_are_sent_as_templated_or_refused_and_logged(courier_world: Courie
         curl -s --noproxy '*' -o list-direct.json -w "list-direct=%{{http_code}}\\n" \\
             http://127.0.0.1:3128/actions
         {PYTHON} agent.py '{SECRET}'
+        curl -s -w "\\ndirect=%{{http_code}}\\n" -X POST -d 'title=around the schema' \\
+            http://app.test/repos/acme/widgets/issues
         """
     run = _run(courier_world, script, workdir=_workdir(**{"agent.py": AGENT}))
     assert run.exit == 0, run.describe()
     assert "token=unset" in run.stdout, "the agent holds the courier's credential"
+    # via: courier: the agent cannot send to the action's endpoint itself, around the schema.
+    assert "direct=403" in run.stdout, run.describe()
+    assert "rule issues accepts only the courier's requests" in run.stdout
     assert "list-proxy=200" in run.stdout, run.describe()
     assert "list-direct=200" in run.stdout, run.describe()
     listing = json.loads((run.workdir / "list-proxy.json").read_text())

@@ -220,7 +220,7 @@ class Courier:
         """Serve the worker's own sandbox (its proxy, DNS, drops) and read its replies."""
         assert self.sandboxed is not None
         self._send_lock = asyncio.Lock()
-        self._served = await self.session.serve(self.sandboxed)
+        self._served = await self.session.serve(self.sandboxed, origin="courier")
         self._reader = asyncio.ensure_future(self._read())
 
     async def close(self) -> None:

@@ -139,24 +139,27 @@ class Session:
         self.summary.sink = self.audit.record
         return self.audit
 
-    async def serve(self, sandboxed: Sandboxed, actions: ActionHandler | None = None) -> Served:
+    async def serve(self, sandboxed: Sandboxed, actions: ActionHandler | None = None,
+                    origin: str = "agent") -> Served:
         """Serve a sandboxed command's sockets: proxy, transparent capture, DNS, drops.
-        ``actions`` answers the courier's endpoint (/actions) on this command's proxy port."""
+        ``actions`` answers the courier's endpoint (/actions) on this command's proxy port;
+        ``origin`` says whose requests they are ("courier": rules with via: courier apply)."""
         from egresslock.dns.names import NameBook
         from egresslock.proxy.server import ProxyServer
 
         if self._names is None:
             self._names = NameBook()
         names = self._names
-        server = ProxyServer(self.ctx, names.names_for, actions)
+        ctx = self.ctx if origin == "agent" else self.ctx.for_origin(origin)
+        server = ProxyServer(ctx, names.names_for, actions)
         socks = sandboxed.sockets
         for s in socks.proxy:
             server.serve(s)
         for s in socks.transparent:
             server.serve(s, transparent=True)
-        served = Served(server, _start_dns(self.ctx, names, socks.dns_udp, socks.dns_tcp))
+        served = Served(server, _start_dns(ctx, names, socks.dns_udp, socks.dns_tcp))
         if socks.nflog is not None:
-            _watch_drops(self.ctx, socks.nflog)
+            _watch_drops(ctx, socks.nflog)
             served.readers.append(socks.nflog.fileno())
         return served
 

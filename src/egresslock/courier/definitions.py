@@ -248,7 +248,7 @@ def _rule_problems(template: Template, params: Mapping[str, Any], compiled: Comp
     names = tuple(n.lower() for n, _ in rendered.headers)
     try:
         result = probe(compiled, rendered.url, template.method, names,
-                       len(rendered.body or b""))
+                       len(rendered.body or b""), origin="courier")
     except InputError as exc:
         return [("request.url", f"the proxy would refuse {rendered.url}: {exc}")], []
     decision = result.decision
@@ -269,10 +269,10 @@ def _rule_problems(template: Template, params: Mapping[str, Any], compiled: Comp
         warnings.append(f"action {template.name}: rule {decision.rule_id} does not inspect "
                         f"{template.host}: the proxy sees only the host of this request")
     rule = compiled.by_id.get(decision.rule_id)
-    if rule is not None and rule.methods is None and rule.paths is None:
-        warnings.append(f"action {template.name}: rule {rule.id} allows any method and path "
-                        f"to {template.host}; the agent can send there directly, around the "
-                        "action's schema. Narrow it to the action's request (methods, paths)")
+    if rule is not None and not rule.courier_only:
+        warnings.append(f"action {template.name}: rule {rule.id} lets the agent send to "
+                        f"{template.host} directly, around the action's schema; add 'via: "
+                        "courier' to that rule so that only the courier may use it")
     return [], warnings
 
 

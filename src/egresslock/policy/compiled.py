@@ -71,7 +71,7 @@ class CompiledRule:
     """One rule, ready to match. Holds only immutable values."""
 
     __slots__ = (
-        "action_deny", "constrains", "host", "id", "index", "inspect", "level",
+        "action_deny", "constrains", "courier_only", "host", "id", "index", "inspect", "level",
         "max_body_bytes", "methods", "paths", "ports", "query", "reads", "upgrades",
     )
 
@@ -107,6 +107,7 @@ class CompiledRule:
         self.constrains = rule.constrains_requests
         self.reads = rule.reads
         self.level = rule.level
+        self.courier_only = rule.via == "courier"
 
     def __repr__(self) -> str:
         return f"CompiledRule({self.id!r}, host={self.host.text!r})"
@@ -148,7 +149,8 @@ class HostIndex:
 class CompiledPolicy:
     """Everything :func:`egresslock.policy.decide.decide` needs, built once from a Policy."""
 
-    __slots__ = ("addresses", "by_id", "index", "levels", "report_only", "rules", "source")
+    __slots__ = ("addresses", "by_id", "courier_only", "index", "levels", "report_only", "rules",
+                 "source")
 
     def __init__(self, policy: Policy) -> None:
         self.source = policy
@@ -157,6 +159,7 @@ class CompiledPolicy:
         self.rules = tuple(CompiledRule(r, i, shared) for i, r in enumerate(policy.rules))
         self.index = HostIndex(list(self.rules))
         self.by_id = {r.id: r for r in self.rules}
+        self.courier_only = any(r.courier_only for r in self.rules)
         self.levels: tuple[str, ...] = tuple(policy.levels or ())
         self.addresses = AddressPolicy(
             policy.network.block_private,

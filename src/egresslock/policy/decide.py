@@ -75,6 +75,7 @@ class Request:
     addresses: tuple[IPAddress, ...] = ()
     layer: Layer = Layer.HTTP
     upgrade: str | None = None  # the protocol an Upgrade request asks for, lower-case
+    origin: str = "agent"  # "courier" for the courier's own requests (rules with via: courier)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +119,25 @@ def _decide(policy: CompiledPolicy, request: Request) -> Decision:
             return _deny(DEFAULT_RULE, f"{verdict.reason} (host {host})")
 
     candidates = policy.index.lookup(host)
+    if candidates and policy.courier_only and request.origin != "courier":
+        courier = [r for r in candidates if r.courier_only]
+        if courier:
+            why = (f"rule {courier[0].id} accepts only the courier's requests (via: "
+                   "courier); call its action instead")
+            mine = [r for r in candidates if not r.courier_only]
+            if not mine:
+                return _deny(courier[0].id, why)
+            decision = _decide_rules(mine, host, request)
+            if decision.verdict is Verdict.DENY:
+                return replace(decision, reason=f"{decision.reason}; {why}")
+            return decision
     if not candidates:
         return _deny(DEFAULT_RULE, f"no rule allows host {host}")
+    return _decide_rules(candidates, host, request)
+
+
+def _decide_rules(candidates: list[CompiledRule], host: str, request: Request) -> Decision:
+    """The decision among the rules whose host pattern matched (addresses already passed)."""
     if request.layer is Layer.DNS:
         return _decide_name(candidates, host)
 

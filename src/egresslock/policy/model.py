@@ -269,6 +269,9 @@ class Rule(_Strict):
         "wildcard labels carry data; allow; or thresholds {max_data_bytes: N}.")
     budget: Budget | None = Field(
         default=None, description="{requests: N, bytes_out: SIZE, per: 1m|run}.")
+    via: Literal["any", "courier"] = Field(
+        default="any", description="courier: only the courier's requests may use this rule, "
+        "so the agent cannot send what the courier's action schemas would refuse.")
     reads: str | None = Field(
         default=None, description="The level of what this destination's responses carry: a "
         "response raises the session's mark to it (one of the policy's levels).")

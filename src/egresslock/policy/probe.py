@@ -39,6 +39,7 @@ def probe(
     header_names: tuple[str, ...] = (),
     body_size: int | None = None,
     resolve: Mapping[str, Sequence[str]] | None = None,
+    origin: str = "agent",
 ) -> Probe:
     """Decide ``raw_url`` as the proxy would. Raises InputError for a URL the proxy refuses."""
     url = parse_url(raw_url)
@@ -50,11 +51,11 @@ def probe(
     if not addresses and parse_ip_literal(url.host) is None:
         notes.append("no address checked: pass --resolve HOST:ADDR to check what it resolves to")
     full = Request(url.host, url.port, url.scheme, method, url.path, url.query, header_names,
-                   body_size, addresses, Layer.HTTP)
+                   body_size, addresses, Layer.HTTP, origin=origin)
     if url.scheme == "http":
         return Probe(url, decide(policy, full), Layer.HTTP, notes)
     tunnel = decide(policy, Request(url.host, url.port, "https", addresses=addresses,
-                                    layer=Layer.CONNECT))
+                                    layer=Layer.CONNECT, origin=origin))
     if not tunnel.allowed or not tunnel.inspect:
         if tunnel.allowed:
             notes.append("tunnel is not inspected: method, path, query and body are not seen")

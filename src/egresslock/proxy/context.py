@@ -162,6 +162,15 @@ class ProxyContext:
     # The session's high-water mark (policies with levels); shared with the MCP gateway.
     start_level: str | None = None
     _mark: SessionMark | None = None
+    # Whose requests this context decides: "agent", or "courier" for the courier's worker.
+    origin: str = "agent"
+
+    def for_origin(self, origin: str) -> ProxyContext:
+        """This context for another origin's sockets: the same policy, log, pool and mark."""
+        from dataclasses import replace
+
+        self.mark  # noqa: B018  made now, so that both contexts hold the same one
+        return replace(self, origin=origin)
 
     @property
     def upstream_tls(self) -> ssl.SSLContext:
@@ -210,6 +219,10 @@ class ProxyContext:
                 extra={"mark": step.level, "previous": step.previous, "source": source}))
 
     def decide(self, request: Request) -> Decision:
+        if self.origin != "agent":
+            from dataclasses import replace
+
+            request = replace(request, origin=self.origin)
         if self.metrics is None:
             return decide(self.policy.current, request)
         start = time.perf_counter()
