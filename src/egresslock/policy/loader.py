@@ -213,6 +213,21 @@ def _inspect_problems(rule: Rule, index: int, doc: _Document) -> list[PolicyProb
         "decrypt and enforce them, or limit 'ports' to plain-HTTP ports such as [80]")]
 
 
+def _json_schema_problems(loc: Loc, schema: dict[str, Any], doc: _Document
+                          ) -> list[PolicyProblem]:
+    """A JSON Schema in the policy (MCP tool arguments, action parameters) must be one."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "the top level"
+        return [PolicyProblem(doc.filename, _line(doc, loc), format_loc(loc),
+                              f"not a valid JSON Schema (2020-12) at {where}: {exc.message}")]
+    return []
+
+
 def _level_problems(policy: Policy, at: Loc, reads: str | None, level: str | None,
                     doc: _Document) -> list[PolicyProblem]:
     """``reads`` and ``level`` must name one of the policy's ``levels``."""
@@ -301,6 +316,11 @@ def parse_policy(text: str, filename: str = "<policy>") -> Policy:
     for i, tool in enumerate(policy.mcp.tools):
         problems.extend(_level_problems(policy, ("mcp", "tools", i), tool.reads, tool.level,
                                         doc))
+        if tool.arguments is not None:
+            problems.extend(_json_schema_problems(("mcp", "tools", i, "arguments"),
+                                                  tool.arguments, doc))
+    for i, action in enumerate(policy.actions):
+        problems.extend(_json_schema_problems(("actions", i, "params"), action.params, doc))
     if problems:
         raise PolicyError(problems)
     return policy
