@@ -14,6 +14,7 @@ import yaml
 
 from egresslock.courier.definitions import check_schema, compile_actions
 from egresslock.courier.template import Template, parse_template
+from egresslock.errors import PolicyError
 from egresslock.policy import compile_policy, parse_policy
 
 BASE = """\
@@ -121,6 +122,11 @@ def test_schema_problems(case: str) -> None:
     params, key, words = SCHEMA_PROBLEMS[case]
     problems = check_schema(params)
     assert any(k == key and words in m for k, m in problems), problems
+    if words == "not a valid JSON Schema" or case == "bad regex":
+        # Not a JSON Schema at all: the policy loader refuses it before the courier sees it.
+        with pytest.raises(PolicyError, match="not a valid JSON Schema"):
+            _check(_action(params=params))
+        return
     templates, found, _ = _check(_action(params=params))
     assert "act" not in templates
     assert found

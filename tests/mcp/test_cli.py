@@ -27,7 +27,7 @@ def test_an_invalid_arguments_schema_stops_the_command_before_it_runs(tmp_path: 
     done = _mcp(tmp_path, POLICY.replace("{name: a}", "{name: a, arguments: {type: 12}}"),
                 "--", "touch", str(tmp_path / "ran"))
     assert done.returncode == 2
-    assert "mcp.tools.0.arguments: not a valid JSON Schema (2020-12)" in done.stderr
+    assert "mcp.tools[0].arguments: not a valid JSON Schema (2020-12)" in done.stderr
     assert not (tmp_path / "ran").exists()
 
 

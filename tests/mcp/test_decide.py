@@ -193,7 +193,7 @@ def test_patterns(pattern: str, name: str, matches: bool) -> None:
 
 
 def test_an_invalid_arguments_schema_is_a_policy_error_naming_the_entry() -> None:
-    with pytest.raises(PolicyError, match=r"mcp\.tools\.1\.arguments: not a valid JSON Schema"):
+    with pytest.raises(PolicyError, match=r"mcp\.tools\[1\]\.arguments: not a valid JSON Schema"):
         _table("tools:\n  - {name: a}\n  - {name: b, arguments: {type: 12}}\n")
 
 
