@@ -9,11 +9,6 @@ not the sandbox's defaults.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +16,7 @@ from typing import Any, Protocol
 
 import pytest
 
-from tests.conftest import require_sandbox, require_tool
-from tests.sandbox.conftest import WorldRun, _world_available
+from tests.sandbox.conftest import WorldRun, world_runner
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,31 +35,4 @@ def make_visible_workdir() -> Path:
 
 @pytest.fixture
 def courier_world() -> Iterator[CourierWorld]:
-    ok, reason = _world_available()
-    require_sandbox(ok, reason)
-    require_tool("unshare")
-    made: list[Path] = []
-
-    def run(command: list[str], **scenario: Any) -> WorldRun:
-        workdir = scenario.pop("workdir", None) or make_visible_workdir()
-        made.append(workdir)
-        scenario_file = workdir / ".scenario.json"
-        extra = os.environ.get("EGRESSLOCK_WORLD_ARGS", "").split()
-        scenario["args"] = [*extra, *scenario.get("args", [])]
-        scenario_file.write_text(json.dumps({**scenario, "command": command,
-                                             "workdir": str(workdir)}))
-        timeout = float(scenario.get("timeout", 30)) + 30
-        done = subprocess.run(
-            ["unshare", "--net", "--mount", "--", sys.executable, "-m",
-             "tests.courier.probe_world", str(scenario_file)],
-            cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
-        if done.returncode != 0 or not done.stdout.strip():
-            raise AssertionError(f"the test world failed ({done.returncode}):\n{done.stderr}")
-        raw = json.loads(done.stdout.strip().splitlines()[-1])
-        return WorldRun(exit=raw["exit"], stdout=raw["stdout"], stderr=raw["stderr"],
-                        summary=raw["summary"], audit=raw["audit"], attacker=raw["attacker"],
-                        upstream=raw["upstream"], workdir=workdir, raw=raw)
-
-    yield run
-    for path in made:
-        shutil.rmtree(path, ignore_errors=True)
+    yield from world_runner("tests.courier.probe_world", make_visible_workdir)

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -112,8 +112,11 @@ def make_workdir() -> Path:
     return path
 
 
-@pytest.fixture
-def world() -> Iterator[World]:
+def world_runner(module: str, make_dir: Callable[[], Path]
+                 ) -> Iterator[Callable[..., WorldRun]]:
+    """Run scenarios through the world script ``module`` (in a fresh network and mount
+    namespace), each in a work directory from ``make_dir`` unless the scenario names one;
+    the directories are removed at the end."""
     ok, reason = _world_available()
     require_sandbox(ok, reason)
     require_tool("unshare")
@@ -121,7 +124,7 @@ def world() -> Iterator[World]:
     extra = os.environ.get("EGRESSLOCK_WORLD_ARGS", "").split()
 
     def run(command: list[str], **scenario: Any) -> WorldRun:
-        workdir = scenario.pop("workdir", None) or make_workdir()
+        workdir = scenario.pop("workdir", None) or make_dir()
         made.append(workdir)
         scenario_file = workdir / ".scenario.json"
         scenario["args"] = [*extra, *scenario.get("args", [])]
@@ -129,7 +132,7 @@ def world() -> Iterator[World]:
                                              "workdir": str(workdir)}))
         timeout = float(scenario.get("timeout", 30)) + 30
         done = subprocess.run(
-            ["unshare", "--net", "--mount", "--", sys.executable, "-m", "tests.sandbox.world",
+            ["unshare", "--net", "--mount", "--", sys.executable, "-m", module,
              str(scenario_file)],
             cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
         if done.returncode != 0 or not done.stdout.strip():
@@ -142,6 +145,11 @@ def world() -> Iterator[World]:
     yield run
     for path in made:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def world() -> Iterator[World]:
+    yield from world_runner("tests.sandbox.world", make_workdir)
 
 
 def escape_command(script: str, *args: str) -> list[str]:
