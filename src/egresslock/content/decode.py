@@ -72,8 +72,6 @@ class _Brotli:
                 if self._d.can_accept_more_data():
                     return
                 out = self._d.process(b"", output_buffer_limit=_PIECE)
-        except zlib.error:
-            raise
         except Exception as exc:  # brotli.error is not exported under one name
             raise zlib.error(str(exc)) from exc
 

@@ -282,11 +282,6 @@ class ContentPolicy:
             prepared.target = f"{path}?{new_query}"
             prepared.changes += changed
 
-    def redact_response(self, bindings: Sequence[Binding], data: bytes) -> bytes:
-        for b in bindings:
-            data = b.redact(data)
-        return data
-
 
 def redact_name(host: str) -> str:
     """``host`` with the labels that could carry data replaced: where it was going (the last

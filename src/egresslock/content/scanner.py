@@ -138,7 +138,6 @@ class Scanner:
 
     def __init__(self, needles: Iterable[Needle], detectors: Iterable[Detector] = ()) -> None:
         by_pattern: dict[bytes, list[_Entry]] = {}
-        self.names: tuple[str, ...] = ()
         longest = 0
         names = []
         for needle in needles:
@@ -156,7 +155,7 @@ class Scanner:
             # A detector's shape is confirmed from its anchor; its shortest full match (an AWS
             # key id is 20 characters, a fine-grained GitHub token 93) must fit in a window.
             longest = max(longest, 100)
-        self.names = tuple(names)
+        self.names: tuple[str, ...] = tuple(names)
         patterns = list(by_pattern)
         self._entries = [by_pattern[p] for p in patterns]
         self._ac = _engine(patterns) if patterns else None
