@@ -7,8 +7,6 @@ other request is the proxy's business as before, and without a handler nothing c
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -27,7 +25,7 @@ from egresslock.proxy.context import Limits, PolicyHolder, ProxyContext
 from egresslock.proxy.http1 import parse_request_head
 from egresslock.proxy.resolver import Resolver
 from egresslock.proxy.server import ProxyServer, make_listener
-from tests.proxy.servers import exchange_raw
+from tests.proxy.servers import exchange_raw, proxy_in_thread
 
 pytestmark = pytest.mark.integration
 
@@ -52,23 +50,8 @@ def _serve(with_actions: bool) -> Iterator[Endpoint]:
     actions: ActionHandler | None = handler if with_actions else None
     listener = make_listener("127.0.0.1", 0)
     endpoint.port = listener.getsockname()[1]
-    loop = asyncio.new_event_loop()
-    server = ProxyServer(ctx, actions=actions)
-    started = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        server.serve(listener)
-        loop.call_soon(started.set)
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    started.wait(5)
-    yield endpoint
-    asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
+    with proxy_in_thread(ProxyServer(ctx, actions=actions), listener):
+        yield endpoint
     listener.close()
 
 

@@ -3,6 +3,7 @@ by a test CA, and a recorder that counts what reached it."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import hashlib
@@ -17,11 +18,15 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+if TYPE_CHECKING:
+    from egresslock.proxy.server import ProxyServer
 
 
 class EchoHandler(http.server.BaseHTTPRequestHandler):
@@ -94,6 +99,30 @@ class EchoServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     @property
     def port(self) -> int:
         return int(self.server_address[1])
+
+
+@contextmanager
+def proxy_in_thread(server: ProxyServer, listener: socket.socket
+                    ) -> Iterator[asyncio.AbstractEventLoop]:
+    """Serve ``listener`` with an in-process ``server`` on an event loop in its own thread."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        server.serve(listener)
+        loop.call_soon(started.set)
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    started.wait(5)
+    try:
+        yield loop
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
 
 
 @contextmanager

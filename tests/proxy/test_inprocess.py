@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ from egresslock.policy.normalize import IPAddress
 from egresslock.proxy.context import Limits, PolicyHolder, ProxyContext
 from egresslock.proxy.resolver import Resolver
 from egresslock.proxy.server import ProxyServer, make_listener
-from tests.proxy.servers import EchoServer, echo_server, exchange_raw
+from tests.proxy.servers import EchoServer, echo_server, exchange_raw, proxy_in_thread
 
 pytestmark = pytest.mark.integration
 
@@ -56,23 +55,8 @@ def running(request: pytest.FixtureRequest) -> Iterator[tuple[InProcessProxy, Ec
         ctx = ProxyContext(PolicyHolder(None, compile_policy(policy)), rows.append, resolver,
                            Limits(head_timeout=2, idle_timeout=2))
         listener = make_listener("127.0.0.1", 0)
-        loop = asyncio.new_event_loop()
-        server = ProxyServer(ctx)
-        started = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            server.serve(listener)
-            loop.call_soon(started.set)
-            loop.run_forever()
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        started.wait(5)
-        yield InProcessProxy(listener.getsockname()[1], rows, resolver, loop), upstream
-        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
+        with proxy_in_thread(ProxyServer(ctx), listener) as loop:
+            yield InProcessProxy(listener.getsockname()[1], rows, resolver, loop), upstream
         listener.close()
 
 
