@@ -27,13 +27,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import json
 import os
 import platform
 import random
-import selectors
-import signal
 import statistics
 import subprocess
 import sys
@@ -43,6 +40,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench_proxy import read_line
+from bench_proxy import stop_process as stop
 from egresslock.content.detectors import DETECTORS
 from egresslock.content.scanner import Kind, Needle, Scanner, StreamScanner
 
@@ -278,27 +277,6 @@ async def _sink_main() -> None:
         await server.serve_forever()
 
 
-def read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    """The first stdout line of ``proc``, waiting at most ``timeout`` seconds."""
-    assert proc.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
-    buf = b""
-    try:
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not sel.select(left):
-                raise RuntimeError(f"no output within {timeout:g}s")
-            data = os.read(proc.stdout.fileno(), 4096)
-            if not data:
-                raise RuntimeError(f"exited ({proc.wait(5)}) before printing its address")
-            buf += data
-    finally:
-        sel.close()
-    return buf.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
-
-
 def start(argv: list[str], procs: list[subprocess.Popen[bytes]]) -> int:
     """Start ``argv``, wait for its ``listening on HOST:PORT`` line, return the port."""
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
@@ -309,19 +287,6 @@ def start(argv: list[str], procs: list[subprocess.Popen[bytes]]) -> int:
     if not line.startswith("listening on "):
         raise RuntimeError(f"{argv[0]}: unexpected first line {line!r}")
     return int(line.rsplit(":", 1)[1])
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM this one pid, then SIGKILL if it has not gone in 5 s."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 def policy_text(port: int, secrets: list[tuple[str, bytes]] | None) -> str:
