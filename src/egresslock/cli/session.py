@@ -235,10 +235,11 @@ def preload() -> None:
     paying for it between fork and exec."""
     import egresslock.sandbox.landlock
     import egresslock.sandbox.netlink  # noqa: F401
-    from egresslock.sandbox.seccomp import libseccomp
+    from egresslock.sandbox.seccomp import prepare_filter
 
-    # After it drops root the child may not read the interpreter's files (a Python under /root).
-    libseccomp()
+    # After it drops root the child may not read the interpreter's files (a Python under /root);
+    # and the filter built here is only loaded by each child.
+    prepare_filter()
 
 
 def _start_dns(ctx: ProxyContext, names: NameBook, udp: list[socket.socket],

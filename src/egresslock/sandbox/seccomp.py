@@ -195,6 +195,17 @@ def build_filter() -> Any:
     return f
 
 
+# The filter, built once by prepare_filter() in a parent before it forks sandboxed children: a
+# child then only loads it (building is ~150 calls into libseccomp, about 2 ms).
+_PREPARED: list[Any] = []
+
+
+def prepare_filter() -> None:
+    """Build the filter now, in this process, for every child forked from it to load."""
+    if not _PREPARED:
+        _PREPARED.append(build_filter())
+
+
 def install_seccomp() -> None:
     """Set no_new_privs and load the filter into the calling process; it cannot be removed.
 
@@ -202,7 +213,7 @@ def install_seccomp() -> None:
     itself makes. Children and exec'd programs inherit it. Raises :class:`SandboxError` when the
     kernel or libseccomp cannot provide it, so that nothing runs unfiltered by accident.
     """
-    f = build_filter()
+    f = _PREPARED[0] if _PREPARED else build_filter()
     set_no_new_privs()
     try:
         f.load()
