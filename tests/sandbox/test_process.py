@@ -53,6 +53,24 @@ def test_end_tree_kills_detached_grandchildren() -> None:
     assert grandchild not in descendants(os.getpid())
 
 
+HAS_CHILDREN = """
+import subprocess, sys, time
+from egresslock.sandbox.process import _has_children, end_tree
+before = _has_children()
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+during = _has_children()
+ended = end_tree()
+after = _has_children()
+print(before, during, ended, after)
+"""
+
+
+def test_end_tree_of_a_process_without_children_is_quick_and_with_them_ends_them() -> None:
+    done = subprocess.run([sys.executable, "-c", HAS_CHILDREN], capture_output=True, text=True,
+                          timeout=30, check=True)
+    assert done.stdout.split() == ["False", "True", "1", "False"], done.stderr
+
+
 def test_plan_hides_socket_directories_and_carries_the_working_directory(tmp_path: Path
                                                                          ) -> None:
     work = tmp_path / "work"

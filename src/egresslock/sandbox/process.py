@@ -72,6 +72,8 @@ def end_tree(root: int | None = None, rounds: int = 20) -> int:
     ours. Returns how many were ended. Repeats, since a dying parent hands its children to us."""
     ours = root is None or root == os.getpid()
     root = os.getpid() if root is None else root
+    if ours and not _has_children():
+        return 0  # nothing below us: no need to read every process in /proc
     ended = 0
     for _ in range(rounds):
         pids = descendants(root)
@@ -87,6 +89,21 @@ def end_tree(root: int | None = None, rounds: int = 20) -> int:
     if ours:
         reap_all()
     return ended
+
+
+def _has_children() -> bool:
+    """Whether this process has a child, live or not yet reaped: without one it has no
+    descendant. True when the kernel does not say (no /proc/PID/task/TID/children, a
+    CONFIG_PROC_CHILDREN feature), so that callers look further."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+        for tid in tasks:
+            with open(f"/proc/self/task/{tid}/children", "rb") as f:
+                if f.read().strip():
+                    return True
+    except OSError:
+        return True
+    return False
 
 
 def reap_all() -> None:
