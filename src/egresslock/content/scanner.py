@@ -118,12 +118,39 @@ class _AhoCorasick:
 
 def _engine(patterns: list[bytes]) -> _Engine:
     """The fastest multi-pattern engine this machine has; both find the same matches."""
-    if os.environ.get("EGRESSLOCK_MATCHER") != "aho-corasick":
+    kind = "aho-corasick" if os.environ.get("EGRESSLOCK_MATCHER") == "aho-corasick" else "any"
+    key = (kind, tuple(patterns))
+    known = _Remembered.engines.get(key) if _Remembered.enabled else None
+    if known is not None:
+        return known
+    engine: _Engine | None = None
+    if kind == "any":
         try:
-            return _Hyperscan(patterns)
+            engine = _Hyperscan(patterns)
         except ImportError:
-            pass
-    return _AhoCorasick(patterns)
+            engine = None
+    if engine is None:
+        engine = _AhoCorasick(patterns)
+    if _Remembered.enabled:
+        if len(_Remembered.engines) >= _Remembered.size:
+            del _Remembered.engines[next(iter(_Remembered.engines))]
+        _Remembered.engines[key] = engine
+    return engine
+
+
+class _Remembered:
+    """Compiled engines by pattern set, kept only in a process that starts many runs (the warm
+    server): compiling is most of a scanner's cost, and an engine finds the same matches for
+    whoever asks."""
+
+    enabled = False
+    size = 16
+    engines: dict[tuple[str, tuple[bytes, ...]], _Engine] = {}  # noqa: RUF012
+
+
+def remember_engines() -> None:
+    """From now on, scanners with the same patterns share one compiled engine."""
+    _Remembered.enabled = True
 
 
 _CACHED_SIZE = 512

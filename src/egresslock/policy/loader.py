@@ -11,6 +11,7 @@ shows everything to fix.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import types
 import typing
@@ -330,10 +331,34 @@ def load_policy(path: str | Path) -> Policy:
     """Read and validate a policy file; errors name the file and line."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        data = p.read_bytes()
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError([PolicyProblem(str(p), None, "", f"cannot be read: {exc}")]) from exc
-    return parse_policy(text, str(p))
+    if not _Remembered.enabled:
+        return parse_policy(text, str(p))
+    key = (str(p), hashlib.sha256(data).digest())
+    policy = _Remembered.policies.get(key)
+    if policy is None:
+        policy = parse_policy(text, str(p))
+        if len(_Remembered.policies) >= _Remembered.size:
+            del _Remembered.policies[next(iter(_Remembered.policies))]
+        _Remembered.policies[key] = policy
+    return policy
+
+
+class _Remembered:
+    """Parsed policies by file name and content, kept only in a process that starts many runs
+    (the warm server): a policy is immutable, and an edited file has other bytes."""
+
+    enabled = False
+    size = 16
+    policies: dict[tuple[str, bytes], Policy] = {}  # noqa: RUF012 - one table per process
+
+
+def remember_policies() -> None:
+    """From now on, ``load_policy`` keeps what it parsed, keyed by file name and content."""
+    _Remembered.enabled = True
 
 
 def strict_warnings(policy: Policy) -> list[str]:
