@@ -1,5 +1,5 @@
 """``python -m egresslock`` is the ``egresslock`` command."""
 
-from egresslock.cli.main import main
+from egresslock.cli.entry import main
 
 main()

@@ -25,14 +25,20 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 
 
+def parse_duration(text: str) -> float | None:
+    """Seconds in a duration (``90s``, ``10m``, ``2h``, ``1d``, ``1w``), or None if ``text`` is
+    not one."""
+    match = _DURATION.match(text)
+    return float(match.group(1)) * _UNITS[match.group(2).lower()] if match else None
+
+
 def parse_since(text: str, now: float | None = None) -> float:
     """A ``--since`` value as a unix time: a duration back from ``now`` (``90s``, ``10m``, ``2h``,
     ``1d``, ``1w``) or an ISO-8601 date or time (``2024-05-21``, ``2024-05-21T10:00:00+02:00``);
     an ISO time without an offset is UTC, like the log. Raises ``ValueError`` naming the value
     and what would be valid."""
-    match = _DURATION.match(text)
-    if match:
-        amount = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    amount = parse_duration(text)
+    if amount is not None:
         return (time.time() if now is None else now) - amount
     try:
         when = datetime.fromisoformat(text.strip())

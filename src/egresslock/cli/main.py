@@ -31,6 +31,7 @@ COMMANDS = {
     "doctor": ("egresslock.cli.doctor_cmd", "doctor"),
     "sanitize": ("egresslock.cli.sanitize_cmd", "sanitize"),
     "compile": ("egresslock.cli.compile_cmd", "compile_"),
+    "warm": ("egresslock.cli.warm_cmd", "warm"),
 }
 
 

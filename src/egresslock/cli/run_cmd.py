@@ -13,7 +13,9 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +37,10 @@ if TYPE_CHECKING:
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
                      signal.SIGUSR1, signal.SIGUSR2)
+# In a warm server's worker: the connection to the client whose run this is. The client sends
+# the signals it receives over it, and its end of the stream means the client is gone, which
+# ends the command as egresslock's death ends it in a cold run (PR_SET_PDEATHSIG).
+warm_channel: socket.socket | None = None
 
 
 @click.command(context_settings={"ignore_unknown_options": True,
@@ -173,12 +179,41 @@ async def _supervise(session: Session, sandboxed: Sandboxed,
     for sig in FORWARDED_SIGNALS:
         loop.add_signal_handler(sig, forward, sig)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)  # held ones arrive now
+    if warm_channel is not None:
+        _listen_to_client(loop, warm_channel, pid, forward)
     try:
         return await wait_exit(pid)
     finally:
+        if warm_channel is not None:
+            loop.remove_reader(warm_channel.fileno())
         await served.close()
         if courier is not None:
             await courier.close()
+
+
+def _listen_to_client(loop: asyncio.AbstractEventLoop, channel: socket.socket, pid: int,
+                      forward: Callable[[signal.Signals], None]) -> None:
+    """A warm run: forward the signals the client sends; when it is gone, end the command."""
+    from egresslock.cli.warm_client import read_frame
+    from egresslock.cli.warm_server import forwarded_signal
+
+    channel.setblocking(True)  # a frame is a few bytes, sent whole: readable means all of it
+
+    def readable() -> None:
+        try:
+            message = read_frame(channel, limit=64)
+        except OSError:
+            message = None
+        if message is None:
+            loop.remove_reader(channel.fileno())
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            return
+        number = forwarded_signal(message)
+        if number is not None:
+            forward(signal.Signals(number))
+
+    loop.add_reader(channel.fileno(), readable)
 
 
 def _terminal_delivers_sigint() -> bool:
