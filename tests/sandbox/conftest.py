@@ -152,6 +152,28 @@ def world() -> Iterator[World]:
     yield from world_runner("tests.sandbox.world", make_workdir)
 
 
+def assert_warm(run: WorldRun) -> None:
+    """The run went through the world's warm server, not the cold path."""
+    warm = run.raw["warm"]
+    assert warm["runs"] == 1, (warm, run.describe())
+    assert warm["declined"] == 0, (warm, run.describe())
+
+
+@pytest.fixture(params=["cold", "warm"])
+def cold_or_warm(world: World, request: pytest.FixtureRequest) -> World:
+    """The world, run once cold and once through a warm server (egresslock warm serve), which
+    must behave exactly as the cold path does."""
+    if request.param == "cold":
+        return world
+
+    def run(command: list[str], **scenario: Any) -> WorldRun:
+        done = world(command, warm=True, **scenario)
+        assert_warm(done)
+        return done
+
+    return run
+
+
 def escape_command(script: str, *args: str) -> list[str]:
     """The argv that runs one escape script inside the sandbox."""
     return [PYTHON, str(ESCAPES / script), *args]

@@ -15,19 +15,25 @@ import time
 
 import pytest
 
-from tests.sandbox.conftest import World, WorldRun, escape_command
+from tests.sandbox.conftest import World, WorldRun, assert_warm, escape_command
 from tests.sandbox.world import ATTACKER, ATTACKER6, RESOLVER, SECRET
 
 pytestmark = pytest.mark.timeout(120)
 
-MODES = ["root", "unprivileged"]
+# "warm": started by root through a warm server (egresslock warm serve), which must hold the
+# sandbox exactly as a cold run does.
+MODES = ["root", "unprivileged", "warm"]
 REFUSED = {"EPERM", "EACCES", "EAFNOSUPPORT", "EPROTONOSUPPORT", "ENOSYS", "ENOENT"}
 DNS_REFUSED, DNS_NXDOMAIN = 5, 3
 
 
 def run_escape(world: World, mode: str, script: str, *args: str, **scenario: object) -> WorldRun:
-    return world(escape_command(script, *args), unprivileged=(mode == "unprivileged"),
-                 **scenario)
+    run = world(escape_command(script, *args), unprivileged=(mode == "unprivileged"),
+                warm=(mode == "warm"), **scenario)
+    if mode == "warm":
+        assert_warm(run)
+    return run
+
 
 
 def results(run: WorldRun) -> dict[str, dict[str, object]]:
@@ -174,6 +180,8 @@ def test_host_relay_unix_sockets_are_out_of_reach(world: World, mode: str) -> No
         assert not res["ok"], out
         assert res["errno"] in {"ENOENT", "ECONNREFUSED", "EACCES"}, out
     assert not out["ssh-auth-sock"]["ok"], "SSH_AUTH_SOCK reached the command"
+    if mode == "warm":  # abstract, so only in the host's network namespace
+        assert out["connect:warm-server"]["errno"] == "ECONNREFUSED", out
     assert "egresslock-relay" not in str(out["listdir-run"]["detail"]), out
     assert all(not e["connections"] for e in run.attacker["unix"].values()), run.attacker
     run.assert_nothing_escaped()
@@ -192,7 +200,9 @@ NO_PROXY_TRICKS = (
 @pytest.mark.parametrize("mode", MODES)
 def test_no_proxy_tricks_meet_transparent_capture(world: World, mode: str) -> None:
     run = world(["sh", "-c", NO_PROXY_TRICKS, "sh", SECRET],
-                unprivileged=(mode == "unprivileged"))
+                unprivileged=(mode == "unprivileged"), warm=(mode == "warm"))
+    if mode == "warm":
+        assert_warm(run)
     assert "NO_PROXY=unset" in run.stdout, run.describe()
     assert "rc=0" not in run.stdout or "egresslock: denied" in run.stdout, run.describe()
     run.assert_nothing_escaped()
@@ -212,7 +222,7 @@ def test_killing_the_proxy_leaves_no_way_out(world: World, mode: str) -> None:
         time.sleep(0.05)
     assert report_file.exists(), run.describe()
     after = json.loads(report_file.read_text())
-    if mode == "root":
+    if mode in ("root", "warm"):  # egresslock (or its warm worker) is root's, the command not
         assert '"kill": {"ok": false, "errno": "EPERM"' in run.stdout, run.describe()
     else:
         assert not after["proxy_alive"], (after, run.describe())

@@ -36,8 +36,8 @@ def assert_clean_deny(run: WorldRun, host: str) -> None:
     run.assert_nothing_escaped()
 
 
-def test_curl_http_and_https_through_the_proxy_variables(world: World) -> None:
-    run = world(sh("""
+def test_curl_http_and_https_through_the_proxy_variables(cold_or_warm: World) -> None:
+    run = cold_or_warm(sh("""
         curl -sS http://app.test/curl-http; echo
         curl -sS --cacert ca.pem https://secure.test/curl-https; echo
         curl -sS -D - http://evil.test/curl-denied; echo "rc=$?"
@@ -102,8 +102,8 @@ print(json.dumps(out))
 """
 
 
-def test_python_urllib_requests_httpx(world: World) -> None:
-    run = world([PYTHON, "-c", PYTHON_CLIENTS])
+def test_python_urllib_requests_httpx(cold_or_warm: World) -> None:
+    run = cold_or_warm([PYTHON, "-c", PYTHON_CLIENTS])
     assert run.exit == 0, run.describe()
     out = run.json_stdout()
     assert out["urllib"] == "/urllib"
@@ -170,10 +170,11 @@ const show = (tag, p) => p.then(async r => console.log(tag, r.status, await r.te
 """
 
 
-def test_node_fetch_ignores_http_proxy_and_meets_transparent_capture(world: World) -> None:
+def test_node_fetch_ignores_http_proxy_and_meets_transparent_capture(cold_or_warm: World
+                                                                     ) -> None:
     require_tool("node")
     workdir = make_workdir()
-    run = world(["node", "-e", NODE_FETCH], workdir=workdir,
+    run = cold_or_warm(["node", "-e", NODE_FETCH], workdir=workdir,
                 env={"NODE_EXTRA_CA_CERTS": str(workdir / "ca.pem")})
     assert run.exit == 0, run.describe()
     lines = {ln.split(" ", 1)[0]: ln for ln in run.stdout.splitlines()}
@@ -219,21 +220,21 @@ def test_without_transparent_capture_node_fetch_fails_and_is_logged(world: World
     ("kill -KILL $$", 128 + signal.SIGKILL),
     ("kill -TERM $$", 128 + signal.SIGTERM),
 ])
-def test_exit_code_passes_through(world: World, script: str, code: int) -> None:
-    run = world(["sh", "-c", script], args=["--quiet"])
+def test_exit_code_passes_through(cold_or_warm: World, script: str, code: int) -> None:
+    run = cold_or_warm(["sh", "-c", script], args=["--quiet"])
     assert run.exit == code, run.describe()
 
 
-def test_stdin_and_stdout_pass_through(world: World) -> None:
+def test_stdin_and_stdout_pass_through(cold_or_warm: World) -> None:
     data = "line one\nline two ünïcode\n" * 200
-    run = world(["sh", "-c", "cat; echo done >&2"], stdin=data, args=["--quiet"])
+    run = cold_or_warm(["sh", "-c", "cat; echo done >&2"], stdin=data, args=["--quiet"])
     assert run.exit == 0
     assert run.stdout == data
     assert run.stderr.splitlines()[0] == "done"  # then the world's --json summary
 
 
-def test_sigterm_to_egresslock_reaches_the_command(world: World) -> None:
-    run = world(sh("""
+def test_sigterm_to_egresslock_reaches_the_command(cold_or_warm: World) -> None:
+    run = cold_or_warm(sh("""
         trap 'echo got-term; exit 42' TERM
         touch ready
         sleep 30 & wait $!
@@ -263,8 +264,8 @@ while not os.path.exists("bg.pid"):
 """
 
 
-def test_background_processes_end_with_the_run(world: World) -> None:
-    run = world([PYTHON, "-c", DAEMON], args=["--quiet"])
+def test_background_processes_end_with_the_run(cold_or_warm: World) -> None:
+    run = cold_or_warm([PYTHON, "-c", DAEMON], args=["--quiet"])
     assert run.exit == 0, run.describe()
     pid = int((run.workdir / "bg.pid").read_text())
     # egresslock ended it; the world only reaps what egresslock failed to end.
@@ -273,12 +274,12 @@ def test_background_processes_end_with_the_run(world: World) -> None:
         Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
-def test_working_directory_is_writable_and_tmp_is_private(world: World) -> None:
+def test_working_directory_is_writable_and_tmp_is_private(cold_or_warm: World) -> None:
     marker = Path("/tmp") / f"egresslock-host-marker-{os.getpid()}"
     marker.write_text("host only")
     workdir = make_workdir()
     try:
-        run = world(sh("""
+        run = cold_or_warm(sh("""
             id -u
             echo written > out.txt && echo write-ok
             echo "tmp: $(ls -A /tmp | tr '\\n' ' ')"
@@ -317,8 +318,8 @@ def test_working_directory_is_writable_and_tmp_is_private(world: World) -> None:
     assert not [ln for ln in lines if ln.startswith(("NO_PROXY=", "no_proxy=", "SSH_AUTH_SOCK="))]
 
 
-def test_json_summary_shape(world: World) -> None:
-    run = world(sh("""
+def test_json_summary_shape(cold_or_warm: World) -> None:
+    run = cold_or_warm(sh("""
         curl -sS -o /dev/null http://app.test/one
         curl -sS -o /dev/null http://app.test/two
         curl -sS -o /dev/null http://evil.test/x

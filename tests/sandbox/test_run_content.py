@@ -237,7 +237,7 @@ echo "in-url=$(curl -s "http://app.test/x?t=$API_TOKEN")"
 """
 
 
-def test_credential_placeholders(world: World) -> None:
+def test_credential_placeholders(cold_or_warm: World) -> None:
     workdir = _prepare(CANARY)
     (workdir / "token.txt").write_text(REAL_TOKEN[::-1] + "\n")  # a second, file credential
     (workdir / "token.txt").chmod(0o644)
@@ -250,7 +250,7 @@ def test_credential_placeholders(world: World) -> None:
         """)
     # The script greps for a prefix of the real value: the whole value never enters it.
     script = CREDENTIAL_SCRIPT.replace("$REAL_HINT", REAL_TOKEN[:14])
-    run = world(["sh", "-c", script], workdir=workdir,
+    run = cold_or_warm(["sh", "-c", script], workdir=workdir,
                 policy=_policy(workdir, extra),
                 env={"REAL_API_TOKEN": REAL_TOKEN, "EGRESSLOCK_CA_DIR": str(workdir / ".ca")})
     assert run.exit == 0, run.describe()

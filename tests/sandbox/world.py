@@ -508,8 +508,9 @@ def run_egresslock(scenario: dict[str, Any], workdir: Path, state: Path,
     argv += ["--", *scenario["command"]]
     if scenario.get("bare"):  # the control: the command without egresslock
         argv = list(scenario["command"])
-    if scenario.get("unprivileged"):
-        argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
+    as_user = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] \
+        if scenario.get("unprivileged") else []
+    argv = [*as_user, *argv]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     # What an agent could learn on a real host: where the relay sockets are, and an SSH agent.
     env["EGRESSLOCK_WORLD_RELAYS"] = ":".join(relays)
@@ -520,6 +521,7 @@ def run_egresslock(scenario: dict[str, Any], workdir: Path, state: Path,
     if scenario.get("unprivileged"):
         env["HOME"] = str(workdir)
     timeout = float(scenario.get("timeout", 30))
+    warm = start_warm_server(as_user, env) if scenario.get("warm") else None
     started = time.monotonic()
     proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -564,6 +566,7 @@ def run_egresslock(scenario: dict[str, Any], workdir: Path, state: Path,
             with contextlib.suppress(ValueError):
                 summary = json.loads(line)
                 break
+    warm_status = stop_warm_server(warm, as_user, env) if warm is not None else None
     rows: list[dict[str, Any]] = []
     if audit.exists():
         done = subprocess.run([EGRESSLOCK, "audit", "--db", str(audit), "--json", "--limit",
@@ -571,7 +574,38 @@ def run_egresslock(scenario: dict[str, Any], workdir: Path, state: Path,
         rows = [json.loads(ln) for ln in done.stdout.splitlines() if ln.strip().startswith("{")]
     return {"exit": code, "stdout": (out[0] if out else b"").decode(errors="replace"),
             "stderr": stderr, "summary": summary, "audit": rows, "timed_out": timed_out,
-            "signal_sent": sent, "elapsed": elapsed, "argv": argv}
+            "signal_sent": sent, "elapsed": elapsed, "argv": argv, "warm": warm_status}
+
+
+def start_warm_server(as_user: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A warm server (``egresslock warm serve``) of the run's user, in this world's network
+    namespace; ``env`` is changed so that the run finds it (and so that the command inside
+    learns its socket name, as an agent could guess it)."""
+    env["EGRESSLOCK_WARM_NAME"] = f"world{os.getpid()}"
+    server = subprocess.Popen([*as_user, EGRESSLOCK, "warm", "serve", "--idle", "120s"],
+                              env=env, cwd="/", stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert server.stderr is not None
+    line = server.stderr.readline().decode()
+    if not line.startswith("listening on @"):
+        server.kill()
+        raise RuntimeError(f"the warm server did not start: {line}{server.stderr.read()!r}")
+    env["EGRESSLOCK_WORLD_WARM_SOCKET"] = line.split()[-1]
+    return server
+
+
+def stop_warm_server(server: subprocess.Popen[bytes], as_user: list[str],
+                     env: dict[str, str]) -> dict[str, Any]:
+    """The server's status (how many runs it took, how many it declined), then stop it."""
+    done = subprocess.run([*as_user, EGRESSLOCK, "warm", "status", "--json"], env=env,
+                          capture_output=True, text=True, check=False)
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+    return json.loads(done.stdout) if done.stdout.strip() else {"running": False}
 
 
 def main(argv: list[str]) -> int:
