@@ -235,11 +235,13 @@ def preload() -> None:
     paying for it between fork and exec."""
     import egresslock.sandbox.landlock
     import egresslock.sandbox.netlink  # noqa: F401
+    from egresslock.sandbox.nft import library
     from egresslock.sandbox.seccomp import prepare_filter
 
     # After it drops root the child may not read the interpreter's files (a Python under /root);
-    # and the filter built here is only loaded by each child.
+    # and the filter built here is only loaded by each child, as libnftables is only used.
     prepare_filter()
+    library()
 
 
 def _start_dns(ctx: ProxyContext, names: NameBook, udp: list[socket.socket],

@@ -104,6 +104,23 @@ def capture_ruleset(spec: CaptureSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
+def library() -> ctypes.CDLL:
+    """libnftables, loaded once per process. Loading it takes about 1 ms: a parent that forks
+    sandbox children loads it first (``preload``), so each child only makes a context."""
+    if _LOADED:
+        return _LOADED[0]
+    try:
+        lib = ctypes.CDLL(_LIBRARY, use_errno=True)
+    except OSError as exc:
+        raise SandboxError(f"cannot load {_LIBRARY}: {exc}; install the nftables library "
+                           f"(Debian/Ubuntu: libnftables1, Fedora: nftables)") from exc
+    _LOADED.append(lib)
+    return lib
+
+
+_LOADED: list[ctypes.CDLL] = []
+
+
 class Nft:
     """One libnftables context, its output and error messages captured rather than printed.
 
@@ -112,11 +129,7 @@ class Nft:
     """
 
     def __init__(self) -> None:
-        try:
-            lib = ctypes.CDLL(_LIBRARY, use_errno=True)
-        except OSError as exc:
-            raise SandboxError(f"cannot load {_LIBRARY}: {exc}; install the nftables library "
-                               f"(Debian/Ubuntu: libnftables1, Fedora: nftables)") from exc
+        lib = library()
         lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
         lib.nft_ctx_new.restype = ctypes.c_void_p
         lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
