@@ -179,21 +179,29 @@ def apply_limits(limits: list[tuple[str, int, int]]) -> str | None:
     return None
 
 
-def installation_stamp() -> tuple[tuple[str, float], ...]:
-    """The modification times of egresslock's files and of the directories its dependencies
-    live in: when one changes, the code the server holds is not the code on disk."""
+def installation_files() -> list[str]:
+    """egresslock's Python files and directories, and the site-packages directories its
+    dependencies live in (an install or upgrade adds and removes entries there)."""
     here = Path(__file__).resolve().parents[1]
-    stamps = []
+    paths = []
     for root, _dirs, files in os.walk(here):
-        for name in files:
-            if name.endswith(".py"):
-                path = os.path.join(root, name)
-                with contextlib.suppress(OSError):
-                    stamps.append((path, os.stat(path).st_mtime))
-    for entry in sys.path:
-        if entry.endswith("site-packages") and os.path.isdir(entry):
-            stamps.append((entry, os.stat(entry).st_mtime))
-    return tuple(sorted(stamps))
+        paths.append(root)  # a file added or removed changes its directory's time
+        paths += [os.path.join(root, name) for name in files if name.endswith(".py")]
+    paths += [entry for entry in sys.path
+              if entry.endswith("site-packages") and os.path.isdir(entry)]
+    return sorted(paths)
+
+
+def installation_stamp(paths: list[str]) -> tuple[float, ...]:
+    """The modification times of ``paths``: when one changes, the code the server holds is not
+    the code on disk."""
+    stamps = []
+    for path in paths:
+        try:
+            stamps.append(os.stat(path).st_mtime)
+        except OSError:
+            stamps.append(-1.0)
+    return tuple(stamps)
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -215,12 +223,14 @@ def preload() -> None:
     import egresslock.sandbox.spawn  # noqa: F401
     from egresslock.cli.session import preload as preload_sandbox
     from egresslock.content.scanner import remember_engines
+    from egresslock.policy.compiled import remember_compiled
     from egresslock.policy.loader import remember_policies
 
     with contextlib.suppress(ImportError):
         import uvloop  # noqa: F401
     preload_sandbox()
     remember_policies()
+    remember_compiled()
     remember_engines()
 
 
@@ -233,7 +243,8 @@ class WarmServer:
         self.runs = 0
         self.declined = 0
         self.workers: set[int] = set()
-        self.stamp = installation_stamp()
+        self.files = installation_files()
+        self.stamp = installation_stamp(self.files)
         self.stopping = False
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -309,7 +320,7 @@ class WarmServer:
         request = decode_run(data, fds)
         try:
             reason = mismatch(pid)
-            if reason is None and installation_stamp() != self.stamp:
+            if reason is None and installation_stamp(self.files) != self.stamp:
                 reason = "egresslock changed on disk since the warm server started; it exits"
                 self.stopping = True
             if reason is not None:
@@ -317,7 +328,6 @@ class WarmServer:
                 log(f"declined pid {pid}: {reason}")
                 conn.sendall(frame(b"cold " + reason.encode()))
                 return
-            _warm_up(request)
             worker = os.fork()
             if worker == 0:  # pragma: no cover - the worker, checked by the warm-start tests
                 code = 125
@@ -329,6 +339,9 @@ class WarmServer:
             self.workers.add(worker)
             self.runs += 1
             self.last_run = time.time()
+            # While the worker runs: parse this run's policy here too, so that the next run
+            # with the same file finds it parsed, compiled and its scanner built.
+            _warm_up(request)
         finally:
             request.close()
 
@@ -403,17 +416,19 @@ def _with_client(request: RunRequest) -> Iterator[None]:
 
 
 def _warm_up(request: RunRequest) -> None:
-    """Parse and compile the run's policy here, before the fork, so the next run with the same
-    file finds it parsed (and its scanner compiled). Errors are left for the worker to report."""
+    """Parse and compile the run's policy in the server, unless it has already, so the next run
+    with the same file finds it parsed (and its scanner compiled). Errors are left for the
+    worker to report."""
     from egresslock.cli.run_cmd import run
     from egresslock.policy import compile_policy, load_policy
+    from egresslock.policy.loader import is_remembered
     from egresslock.proxy.context import PolicyHolder
 
     try:
         with _with_client(request):
             ctx = run.make_context("run", request.argv[1:], resilient_parsing=True)
             path = ctx.params.get("policy_file")
-            if path is not None:
+            if path is not None and not is_remembered(path):
                 PolicyHolder(path, compile_policy(load_policy(path)), ctx.params.get("ca_dir"))
     except Exception as exc:
         log(f"warm-up: {type(exc).__name__}: {exc}")

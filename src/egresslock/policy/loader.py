@@ -356,6 +356,15 @@ class _Remembered:
     policies: dict[tuple[str, bytes], Policy] = {}  # noqa: RUF012 - one table per process
 
 
+def is_remembered(path: str | Path) -> bool:
+    """Whether ``load_policy(path)`` would answer from memory (the file is unchanged)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return False
+    return (str(Path(path)), hashlib.sha256(data).digest()) in _Remembered.policies
+
+
 def remember_policies() -> None:
     """From now on, ``load_policy`` keeps what it parsed, keyed by file name and content."""
     _Remembered.enabled = True
