@@ -32,11 +32,10 @@ import pytest
 
 from tests.conftest import require_sandbox
 from tests.sandbox.conftest import make_workdir
+from tests.sandbox.world import EGRESSLOCK, start_warm_server, stop_warm_server, warm_status
 
 pytestmark = pytest.mark.timeout(60)
 
-ROOT = Path(__file__).resolve().parents[2]
-EGRESSLOCK = str(ROOT / ".venv" / "bin" / "egresslock")
 POLICY = """version: 1
 levels: [public, secret]
 rules:
@@ -72,10 +71,7 @@ class Warm:
                 str(self.workdir / "audit.db"), *options, "--", *command]
 
     def status(self) -> dict[str, Any]:
-        done = subprocess.run([EGRESSLOCK, "warm", "status", "--json"], env=self.env,
-                              capture_output=True, text=True, timeout=10, check=False)
-        found: dict[str, Any] = json.loads(done.stdout)
-        return found
+        return warm_status(self.env)
 
 
 def _sandbox_works(env: dict[str, str], workdir: Path) -> tuple[bool, str]:
@@ -84,25 +80,6 @@ def _sandbox_works(env: dict[str, str], workdir: Path) -> tuple[bool, str]:
                           env={**env, "EGRESSLOCK_WARM": "off"}, cwd=workdir,
                           capture_output=True, text=True, timeout=30, check=False)
     return done.returncode == 0, f"egresslock run does not work here: {done.stderr.strip()}"
-
-
-def start_server(env: dict[str, str], *options: str) -> subprocess.Popen[bytes]:
-    server = subprocess.Popen([EGRESSLOCK, "warm", "serve", *options], env=env, cwd="/",
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
-    assert server.stderr is not None
-    line = server.stderr.readline().decode()
-    assert line.startswith("listening on @"), line + server.stderr.read().decode()
-    return server
-
-
-def stop_server(server: subprocess.Popen[bytes]) -> None:
-    server.terminate()
-    try:
-        server.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
 
 
 @pytest.fixture
@@ -114,11 +91,11 @@ def warm() -> Iterator[Warm]:
     env["EGRESSLOCK_CA_DIR"] = str(workdir / "ca")
     ok, reason = _sandbox_works(env, workdir)
     require_sandbox(ok, reason)
-    server = start_server(env, "--idle", "120s")
+    server, _ = start_warm_server(env, "--idle", "120s")
     try:
         yield Warm(env, workdir, server)
     finally:
-        stop_server(server)
+        stop_warm_server(server)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -360,11 +337,11 @@ def test_warm_start_status_stop(warm: Warm) -> None:
 
 def test_an_idle_server_exits(warm: Warm) -> None:
     env = {**warm.env, "EGRESSLOCK_WARM_NAME": warm.env["EGRESSLOCK_WARM_NAME"] + "-idle"}
-    server = start_server(env, "--idle", "1s")
+    server, _ = start_warm_server(env, "--idle", "1s")
     try:
         assert server.wait(timeout=10) == 0
     finally:
-        stop_server(server)
+        stop_warm_server(server)
     assert server.stderr is not None
     assert b"idle for 1 s: exiting" in server.stderr.read()
 

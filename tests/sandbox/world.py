@@ -53,6 +53,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -521,7 +522,13 @@ def run_egresslock(scenario: dict[str, Any], workdir: Path, state: Path,
     if scenario.get("unprivileged"):
         env["HOME"] = str(workdir)
     timeout = float(scenario.get("timeout", 30))
-    warm = start_warm_server(as_user, env) if scenario.get("warm") else None
+    warm = None
+    if scenario.get("warm"):
+        # The run's user's server, in this world's network namespace; the command learns its
+        # socket name from the environment, as an agent could guess it.
+        env["EGRESSLOCK_WARM_NAME"] = f"world{os.getpid()}"
+        warm, env["EGRESSLOCK_WORLD_WARM_SOCKET"] = start_warm_server(
+            env, "--idle", "120s", as_user=as_user)
     started = time.monotonic()
     proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -566,7 +573,10 @@ def run_egresslock(scenario: dict[str, Any], workdir: Path, state: Path,
             with contextlib.suppress(ValueError):
                 summary = json.loads(line)
                 break
-    warm_status = stop_warm_server(warm, as_user, env) if warm is not None else None
+    warm_state = None
+    if warm is not None:
+        warm_state = warm_status(env, as_user)
+        stop_warm_server(warm)
     rows: list[dict[str, Any]] = []
     if audit.exists():
         done = subprocess.run([EGRESSLOCK, "audit", "--db", str(audit), "--json", "--limit",
@@ -574,38 +584,40 @@ def run_egresslock(scenario: dict[str, Any], workdir: Path, state: Path,
         rows = [json.loads(ln) for ln in done.stdout.splitlines() if ln.strip().startswith("{")]
     return {"exit": code, "stdout": (out[0] if out else b"").decode(errors="replace"),
             "stderr": stderr, "summary": summary, "audit": rows, "timed_out": timed_out,
-            "signal_sent": sent, "elapsed": elapsed, "argv": argv, "warm": warm_status}
+            "signal_sent": sent, "elapsed": elapsed, "argv": argv, "warm": warm_state}
 
 
-def start_warm_server(as_user: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """A warm server (``egresslock warm serve``) of the run's user, in this world's network
-    namespace; ``env`` is changed so that the run finds it (and so that the command inside
-    learns its socket name, as an agent could guess it)."""
-    env["EGRESSLOCK_WARM_NAME"] = f"world{os.getpid()}"
-    server = subprocess.Popen([*as_user, EGRESSLOCK, "warm", "serve", "--idle", "120s"],
-                              env=env, cwd="/", stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def start_warm_server(env: dict[str, str], *options: str, as_user: Sequence[str] = ()
+                      ) -> tuple[subprocess.Popen[bytes], str]:
+    """``egresslock warm serve`` (as ``as_user``, with ``env``), once it listens: the process
+    and its socket's name (``@...``)."""
+    server = subprocess.Popen([*as_user, EGRESSLOCK, "warm", "serve", *options], env=env,
+                              cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
     assert server.stderr is not None
     line = server.stderr.readline().decode()
     if not line.startswith("listening on @"):
         server.kill()
         raise RuntimeError(f"the warm server did not start: {line}{server.stderr.read()!r}")
-    env["EGRESSLOCK_WORLD_WARM_SOCKET"] = line.split()[-1]
-    return server
+    return server, line.split()[-1]
 
 
-def stop_warm_server(server: subprocess.Popen[bytes], as_user: list[str],
-                     env: dict[str, str]) -> dict[str, Any]:
-    """The server's status (how many runs it took, how many it declined), then stop it."""
-    done = subprocess.run([*as_user, EGRESSLOCK, "warm", "status", "--json"], env=env,
-                          capture_output=True, text=True, check=False)
+def stop_warm_server(server: subprocess.Popen[bytes]) -> None:
     server.terminate()
     try:
         server.wait(timeout=10)
     except subprocess.TimeoutExpired:
         server.kill()
         server.wait()
-    return json.loads(done.stdout) if done.stdout.strip() else {"running": False}
+
+
+def warm_status(env: dict[str, str], as_user: Sequence[str] = ()) -> dict[str, Any]:
+    """``egresslock warm status --json`` of the server ``env`` names."""
+    done = subprocess.run([*as_user, EGRESSLOCK, "warm", "status", "--json"], env=env,
+                          capture_output=True, text=True, timeout=10, check=False)
+    found: dict[str, Any] = json.loads(done.stdout) if done.stdout.strip() \
+        else {"running": False}
+    return found
 
 
 def main(argv: list[str]) -> int:

@@ -115,10 +115,7 @@ def status(as_json: bool) -> None:
     """Say whether a warm server of this user and installation runs. Exit 0 if so, 1 if not."""
     found = ask("status")
     if found is None:
-        if as_json:
-            click.echo(json.dumps({"running": False}))
-        else:
-            click.echo("no warm server runs: every 'egresslock run' starts cold "
+        _none(as_json, "no warm server runs: every 'egresslock run' starts cold "
                        "('egresslock warm start' starts one)")
         sys.exit(1)
     _show(found, as_json, "running")
@@ -130,10 +127,7 @@ def stop(as_json: bool) -> None:
     """Stop the warm server (runs in progress finish). Exit 0 also when none was running."""
     found = ask("stop")
     if found is None:
-        if as_json:
-            click.echo(json.dumps({"running": False}))
-        else:
-            click.echo("no warm server was running")
+        _none(as_json, "no warm server was running")
         return
     deadline = time.monotonic() + 5.0
     while ask("status") is not None and time.monotonic() < deadline:
@@ -161,6 +155,10 @@ def ask(op: str) -> dict[str, object] | None:
         return None
     found = json.loads(answer)
     return found if isinstance(found, dict) else None
+
+
+def _none(as_json: bool, message: str) -> None:
+    click.echo(json.dumps({"running": False}) if as_json else message)
 
 
 def _show(status: dict[str, object], as_json: bool, state: str) -> None:
