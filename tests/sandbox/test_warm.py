@@ -370,3 +370,18 @@ def test_a_changed_installation_stops_the_server(warm: Warm) -> None:
     assert warm.server.wait(timeout=10) == 0
     assert warm.server.stderr is not None
     assert b"egresslock changed on disk" in warm.server.stderr.read()
+
+
+def test_concurrent_runs_each_get_their_own_worker(warm: Warm) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> subprocess.CompletedProcess[bytes]:
+        return warm.run("sh", "-c", f"sleep 0.3; echo run-{i}; exit {i}")
+
+    with ThreadPoolExecutor(8) as pool:
+        done = list(pool.map(one, range(8)))
+    assert [d.returncode for d in done] == list(range(8)), [d.stderr for d in done]
+    assert [d.stdout for d in done] == [f"run-{i}\n".encode() for i in range(8)]
+    status = warm.status()
+    assert status["runs"] == 8, status
+    assert status["declined"] == 0, status
