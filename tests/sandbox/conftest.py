@@ -156,6 +156,8 @@ def assert_warm(run: WorldRun) -> None:
     """The run went through the world's warm server, not the cold path."""
     warm = run.raw["warm"]
     assert warm["runs"] == 1, (warm, run.describe())
+    if run.summary is not None:  # --json, which the world passes unless a test adds -q
+        assert run.summary["start"] == "warm", run.summary
     assert warm["declined"] == 0, (warm, run.describe())
 
 
@@ -164,7 +166,13 @@ def cold_or_warm(world: World, request: pytest.FixtureRequest) -> World:
     """The world, run once cold and once through a warm server (egresslock warm serve), which
     must behave exactly as the cold path does."""
     if request.param == "cold":
-        return world
+        def cold(command: list[str], **scenario: Any) -> WorldRun:
+            done = world(command, **scenario)
+            if done.summary is not None:
+                assert done.summary["start"] == "cold", done.summary
+            return done
+
+        return cold
 
     def run(command: list[str], **scenario: Any) -> WorldRun:
         done = world(command, warm=True, **scenario)

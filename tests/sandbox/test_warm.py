@@ -134,6 +134,7 @@ def test_the_summary_reaches_the_clients_stderr(warm: Warm) -> None:
     done = warm.run("true", options=("--json",))
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stderr.decode().strip().splitlines()[-1])
+    assert summary["start"] == "warm"
     assert summary["exit_code"] == 0
     assert summary["audit"] == str(warm.workdir / "audit.db")
     assert warm.status()["runs"] == 1

@@ -148,7 +148,9 @@ def run(policy_file: Path, audit_path: Path | None, resolve: tuple[str, ...],
         audit.close()
         summary, audit_file = session.summary, str(session.audit_file)
         if as_json:
-            click.echo(json.dumps(summary.as_dict(code, audit_file, audit.run_id)), err=True)
+            started = "warm" if warm_channel is not None else "cold"
+            click.echo(json.dumps({**summary.as_dict(code, audit_file, audit.run_id),
+                                   "start": started}), err=True)
         elif not quiet:
             click.echo(summary.render(code, audit_file, audit.run_id), err=True)
     sys.exit(code)
