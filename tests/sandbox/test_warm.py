@@ -386,3 +386,29 @@ def test_concurrent_runs_each_get_their_own_worker(warm: Warm) -> None:
     status = warm.status()
     assert status["runs"] == 8, status
     assert status["declined"] == 0, status
+
+
+def test_warm_start_mode_starts_a_server_for_the_next_runs(warm: Warm) -> None:
+    env = {**warm.env, "EGRESSLOCK_WARM_NAME": warm.env["EGRESSLOCK_WARM_NAME"] + "-auto",
+           "EGRESSLOCK_WARM": "start", "XDG_STATE_HOME": str(warm.workdir / "state"),
+           "SECRET_OF_THE_FIRST_RUN": "not-for-the-server"}
+    first = warm.run("true", options=("--json",), env=env)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stderr.splitlines()[-1])["start"] == "cold"
+    asked = {**env, "EGRESSLOCK_WARM": "auto"}
+    deadline = time.monotonic() + 20
+    while not warm_status(asked).get("running"):
+        assert time.monotonic() < deadline, (warm.workdir / "state").rglob("warm.log")
+        time.sleep(0.1)
+    server = warm_status(asked)["pid"]
+    try:
+        second = warm.run("true", options=("--json",), env=env)
+        assert second.returncode == 0, second.stderr
+        assert json.loads(second.stderr.splitlines()[-1])["start"] == "warm"
+        # The server keeps a trimmed copy of its starter's environment, not its tokens.
+        assert b"not-for-the-server" not in Path(f"/proc/{server}/environ").read_bytes()
+        assert (warm.workdir / "state" / "egresslock" / "warm.log").exists()
+    finally:
+        subprocess.run([EGRESSLOCK, "warm", "stop"], env=asked, capture_output=True,
+                       timeout=30, check=False)
+    assert _gone(server)

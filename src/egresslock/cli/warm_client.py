@@ -91,6 +91,15 @@ def _read_exactly(sock: _socket.socket, size: int) -> bytes | None:
     return data
 
 
+_ABSENT: list[bool] = []  # set when the last try found no server at all
+
+
+def no_server() -> bool:
+    """Whether :func:`try_run` answered None because no server listens (rather than one that
+    declined, a terminal, or another user's socket)."""
+    return bool(_ABSENT)
+
+
 def try_run(argv: list[str]) -> int | None:
     """Run ``egresslock run ...`` (``argv`` without the program name) on a warm server and
     return its exit code, or None when it must run cold. After the server has accepted the
@@ -99,7 +108,11 @@ def try_run(argv: list[str]) -> int | None:
         return None
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        sock.connect(socket_name())
+        try:
+            sock.connect(socket_name())
+        except (ConnectionRefusedError, FileNotFoundError):
+            _ABSENT.append(True)
+            raise
         creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
         uid = int.from_bytes(creds[4:8], sys.byteorder)
         if uid != os.geteuid():  # someone else holds the name: tell them nothing

@@ -42,7 +42,8 @@ def warm() -> None:
     milliseconds; the run is otherwise the same (options, sandbox, audit rows, summary, exit
     code). Runs with a terminal on stdin, stdout or stderr, and clients the server cannot vouch
     for (another uid, namespaces, capabilities, seccomp, limits it cannot give), start cold.
-    EGRESSLOCK_WARM=off makes every run cold.
+    EGRESSLOCK_WARM=off makes every run cold; EGRESSLOCK_WARM=start makes a run that finds
+    no server start one in the background for the runs after it.
 
     \b
       egresslock warm start          start one in the background
@@ -88,12 +89,7 @@ def start(idle: str, log_path: Path | None, as_json: bool) -> None:
     status = ask("status")
     if status is None:
         log_path = log_path or default_db_path().parent / "warm.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log_file:
-            child = subprocess.Popen(
-                [sys.executable, "-m", "egresslock", "warm", "serve", "--idle", idle],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file,
-                start_new_session=True, cwd="/")
+        child = spawn_server(idle, log_path)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while status is None:
             if child.poll() is not None:
@@ -133,6 +129,28 @@ def stop(as_json: bool) -> None:
     while ask("status") is not None and time.monotonic() < deadline:
         time.sleep(0.05)
     _show(found, as_json, "stopped")
+
+
+# What a server started in the background keeps of its starter's environment: where things are,
+# how Python runs, and which server it is. Runs bring their own environment; the server's own
+# need not hold the starter's tokens for as long as it lives.
+KEPT_VARIABLES = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ",
+                  "TMPDIR")
+KEPT_PREFIXES = ("XDG_", "PYTHON", "EGRESSLOCK_")
+
+
+def spawn_server(idle: str, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``egresslock warm serve`` detached (its own session, stdio closed, its log
+    appended to ``log_path``), with a trimmed environment; do not wait for it."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items()
+           if k in KEPT_VARIABLES or k.startswith(KEPT_PREFIXES)}
+    env.pop("EGRESSLOCK_WARM", None)
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "egresslock", "warm", "serve", "--idle", idle],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file,
+            start_new_session=True, cwd="/", env=env)
 
 
 def ask(op: str) -> dict[str, object] | None:
