@@ -77,6 +77,13 @@ class Request:
     upgrade: str | None = None  # the protocol an Upgrade request asks for, lower-case
     origin: str = "agent"  # "courier" for the courier's own requests (rules with via: courier)
 
+    def with_addresses(self, addresses: tuple[IPAddress, ...]) -> Request:
+        """This request with the addresses it will dial: ``dataclasses.replace`` without its
+        cost (a third of deciding a remembered request)."""
+        return Request(self.host, self.port, self.scheme, self.method, self.path, self.query,
+                       self.header_names, self.body_size, addresses, self.layer, self.upgrade,
+                       self.origin)
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
@@ -109,6 +116,58 @@ def decide(policy: CompiledPolicy, request: Request) -> Decision:
         return replace(decision, verdict=Verdict.REPORT,
                        reason=f"report mode, enforce would deny: {decision.reason}")
     return decision
+
+
+class DecisionMemo:
+    """:func:`decide` for one compiled policy, remembering its answers.
+
+    ``decide`` is pure, so an answer can be reused for any request that agrees with an earlier
+    one on every field the decision reads. Which fields those are depends on the rules that
+    name the host: method, path, query and body size are read only when one of them constrains
+    that part, so a host whose rules are host-only is decided once per port, addresses, layer
+    and upgrade, whatever the paths. Nothing else is remembered: content checks, budgets,
+    the session's mark and credentials run per request outside ``decide``. The memo belongs to
+    one compiled policy; a reload makes a new policy and so a new memo. Both tables are cleared
+    when they reach ``max_entries``, which bounds the memory a stream of distinct requests
+    can take.
+    """
+
+    __slots__ = ("_answers", "_reads", "max_entries", "policy")
+
+    def __init__(self, policy: CompiledPolicy, max_entries: int = 4096) -> None:
+        self.policy = policy
+        self.max_entries = max_entries
+        self._answers: dict[tuple[object, ...], Decision] = {}
+        # host -> (method, path, query, body size): which of them the host's rules read.
+        self._reads: dict[str, tuple[bool, bool, bool, bool]] = {}
+
+    def decide(self, request: Request) -> Decision:
+        host = request.host
+        reads = self._reads.get(host)
+        if reads is None:
+            reads = _fields_read(self.policy.index.lookup(host))
+            if len(self._reads) >= self.max_entries:
+                self._reads.clear()
+            self._reads[host] = reads
+        key = (host, request.port, request.scheme, request.layer, request.addresses,
+               request.upgrade, request.origin,
+               request.method if reads[0] else None, request.path if reads[1] else None,
+               request.query if reads[2] else None, request.body_size if reads[3] else None)
+        found = self._answers.get(key)
+        if found is None:
+            found = decide(self.policy, request)
+            if len(self._answers) >= self.max_entries:
+                self._answers.clear()
+            self._answers[key] = found
+        return found
+
+
+def _fields_read(candidates: list[CompiledRule]) -> tuple[bool, bool, bool, bool]:
+    """Whether deciding among ``candidates`` reads a request's method, path, query, body size."""
+    return (any(r.methods is not None for r in candidates),
+            any(r.paths is not None for r in candidates),
+            any(r.query is not None for r in candidates),
+            any(r.max_body_bytes is not None for r in candidates))
 
 
 def _decide(policy: CompiledPolicy, request: Request) -> Decision:

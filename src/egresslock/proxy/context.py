@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from egresslock.audit import AuditRecord
 from egresslock.errors import PolicyError
-from egresslock.policy import CompiledPolicy, Decision, Request, compile_policy, decide, load_policy
+from egresslock.policy import CompiledPolicy, Decision, Request, compile_policy, load_policy
+from egresslock.policy.decide import DecisionMemo
 from egresslock.proxy.conn import Conn
 from egresslock.proxy.resolver import Resolver
 
@@ -61,13 +62,14 @@ class PolicyHolder:
     """The current compiled policy, its content checks and the file it came from; ``reload``
     is all-or-nothing: both are built before either replaces the old one."""
 
-    __slots__ = ("content", "current", "key_dir", "loaded_at", "mtime", "path")
+    __slots__ = ("_memo", "content", "current", "key_dir", "loaded_at", "mtime", "path")
 
     def __init__(self, path: str | Path | None, compiled: CompiledPolicy,
                  key_dir: Path | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self.key_dir = key_dir
         self.current = compiled
+        self._memo: DecisionMemo | None = None
         self.content = build_content(compiled, key_dir)
         self.loaded_at = time.time()
         self.mtime = self._stat()
@@ -84,6 +86,15 @@ class PolicyHolder:
 
     def changed(self) -> bool:
         return self.path is not None and self._stat() != self.mtime
+
+    @property
+    def decisions(self) -> DecisionMemo:
+        """``decide`` under the current policy, with its answers remembered; whatever replaces
+        :attr:`current` (a reload, a test) starts a new memo, so no answer outlives its policy."""
+        memo = self._memo
+        if memo is None or memo.policy is not self.current:
+            memo = self._memo = DecisionMemo(self.current)
+        return memo
 
     def reload(self) -> None:
         """Load the file again; on any error raise PolicyError and keep the old policy.
@@ -224,9 +235,9 @@ class ProxyContext:
 
             request = replace(request, origin=self.origin)
         if self.metrics is None:
-            return decide(self.policy.current, request)
+            return self.policy.decisions.decide(request)
         start = time.perf_counter()
-        decision = decide(self.policy.current, request)
+        decision = self.policy.decisions.decide(request)
         self.metrics.decision_seconds.observe(time.perf_counter() - start)
         return decision
 
