@@ -192,8 +192,14 @@ _SEGMENT_RAW = _UNRESERVED | frozenset("!$&'()*+,;=:@")
 _HEX = frozenset("0123456789abcdefABCDEF")
 
 
+# A segment of characters allowed raw and no escape, which decoding leaves as it is.
+_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@]*")
+
+
 def decode_segment(segment: str, raw: str) -> str:
     """Percent-decode unreserved characters, keep the rest encoded with upper-case hex."""
+    if _PLAIN_SEGMENT.fullmatch(segment):
+        return segment
     out: list[str] = []
     i = 0
     n = len(segment)
@@ -297,7 +303,10 @@ class URL:
 
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+# Control bytes, space, DEL and backslash: the first one found names the refusal.
+_URL_REFUSED = re.compile(r"[\x00-\x20\x7f\\]")
 _QUERY_RAW = _SEGMENT_RAW | frozenset("/?%")
+_QUERY_PLAIN = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
@@ -349,11 +358,12 @@ def parse_url(raw: str) -> URL:
     https, empty or out-of-range ports, and everything :func:`normalize_host` and
     :func:`normalize_path` refuse.
     """
-    for c in raw:
-        if ord(c) <= 0x20 or ord(c) == 0x7F:
-            raise InputError(f"URL {raw!r} holds the control or space byte {c!r}")
+    bad = _URL_REFUSED.search(raw)
+    if bad is not None:
+        c = bad.group()
         if c == "\\":
             raise InputError(f"URL {raw!r} holds a backslash, which browsers read as '/'")
+        raise InputError(f"URL {raw!r} holds the control or space byte {c!r}")
     if "#" in raw:
         raise InputError(f"URL {raw!r} has a fragment ('#'); request targets never carry one")
     m = _SCHEME.match(raw)
@@ -378,9 +388,10 @@ def parse_url(raw: str) -> URL:
 
 def normalize_query(query: str, raw: str) -> str:
     """Check a query string's characters; it is kept as sent, since servers parse it themselves."""
-    for c in query:
-        if c not in _QUERY_RAW:
-            raise InputError(f"query of {raw!r} holds {c!r}, which must be percent-encoded")
+    if not _QUERY_PLAIN.fullmatch(query):
+        for c in query:
+            if c not in _QUERY_RAW:
+                raise InputError(f"query of {raw!r} holds {c!r}, which must be percent-encoded")
     if _BAD_ESCAPE.search(query):
         raise InputError(f"query of {raw!r} has a malformed percent-escape")
     return query
