@@ -189,7 +189,7 @@ async def resolve_and_decide(ctx: ProxyContext, request: Request, keep_alive: bo
         addresses = await ctx.resolver.resolve(request.host, request.port)
     except ResolveError as exc:
         raise upstream_failed(502, decision, str(exc)) from exc
-    decision = ctx.decide(dataclasses.replace(request, addresses=addresses))
+    decision = ctx.decide(request.with_addresses(addresses))
     if not decision.allowed:
         raise denied(decision, keep_alive)
     return decision, addresses
@@ -332,8 +332,8 @@ async def _send_body(ctx: ProxyContext, client: Conn, upstream: Conn | None,
     if framing.kind == "length":
         remaining = framing.length
         while remaining:
-            async with asyncio.timeout(ctx.limits.body_timeout):
-                data = await client.read_some(min(remaining, _BODY_CHUNK))
+            data = await client.read_some(min(remaining, _BODY_CHUNK),
+                                          client.loop.time() + ctx.limits.body_timeout)
             if not data:
                 raise ProtocolError("client closed the connection inside the request body")
             remaining -= len(data)
@@ -345,8 +345,8 @@ async def _send_body(ctx: ProxyContext, client: Conn, upstream: Conn | None,
         return b""
     decoder = ChunkedDecoder()
     while not decoder.done:
-        async with asyncio.timeout(ctx.limits.body_timeout):
-            data = await client.read_some(_BODY_CHUNK)
+        data = await client.read_some(_BODY_CHUNK,
+                                      client.loop.time() + ctx.limits.body_timeout)
         if not data:
             raise ProtocolError("client closed the connection inside a chunked body")
         chunks = decoder.feed(data)
@@ -435,17 +435,21 @@ async def _final_response_head(ctx: ProxyContext, upstream: Conn, decision: Deci
                                ex: Exchange, retryable: bool) -> ResponseHead:
     """The upstream's final response head, skipping interim 1xx (the proxy answered
     100 Continue itself); 502/504 for a broken or silent upstream."""
+    sent = True  # the request just left: no response can be waiting for a first read yet
     while True:
+        deadline = upstream.loop.time() + ctx.limits.response_timeout
         try:
-            async with asyncio.timeout(ctx.limits.response_timeout):
-                raw = await upstream.read_head(ctx.limits.max_head_bytes)
+            if sent:
+                sent = False
+                await upstream.readable(deadline)
+            raw = await upstream.read_head(ctx.limits.max_head_bytes, deadline)
+        except TimeoutError as exc:  # before OSError, of which it is a subclass
+            raise upstream_failed(504, decision, f"upstream {ex.address} sent no response "
+                                  f"within {ctx.limits.response_timeout:g}s") from exc
         except OSError as exc:
             if retryable:
                 raise _Stale from exc
             raise upstream_failed(502, decision, f"upstream {ex.address}: {exc}") from exc
-        except TimeoutError as exc:
-            raise upstream_failed(504, decision, f"upstream {ex.address} sent no response "
-                                  f"within {ctx.limits.response_timeout:g}s") from exc
         except ProtocolError as exc:
             raise upstream_failed(502, decision, str(exc)) from exc
         if raw is None and retryable:
@@ -469,8 +473,8 @@ async def relay_upgraded(ctx: ProxyContext, client: Conn, upstream: Conn, decisi
 
     async def up() -> None:
         while True:
-            async with asyncio.timeout(ctx.limits.tunnel_idle_timeout):
-                data = await client.read_some(_BODY_CHUNK)
+            data = await client.read_some(_BODY_CHUNK,
+                                          client.loop.time() + ctx.limits.tunnel_idle_timeout)
             if not data:
                 return
             if limit is not None and ex.bytes_out + len(data) > limit:
@@ -482,8 +486,8 @@ async def relay_upgraded(ctx: ProxyContext, client: Conn, upstream: Conn, decisi
 
     async def down() -> None:
         while True:
-            async with asyncio.timeout(ctx.limits.tunnel_idle_timeout):
-                data = await upstream.read_some(_BODY_CHUNK)
+            data = await upstream.read_some(_BODY_CHUNK,
+                                            upstream.loop.time() + ctx.limits.tunnel_idle_timeout)
             if not data:
                 return
             ex.bytes_in += len(data)
@@ -559,11 +563,11 @@ async def _relay_response(ctx: ProxyContext, upstream: Conn, client: _Out, frami
     if framing.kind == "length":
         remaining = framing.length
         while remaining:
-            if upstream.buf:  # already read with the head: no wait, so no timer either
+            if upstream.buf:  # already read with the head: no wait, so no deadline either
                 data = upstream.take(min(remaining, _BODY_CHUNK))
             else:
-                async with asyncio.timeout(timeout):
-                    data = await upstream.read_some(min(remaining, _BODY_CHUNK))
+                data = await upstream.read_some(min(remaining, _BODY_CHUNK),
+                                                upstream.loop.time() + timeout)
             if not data:
                 return False
             remaining -= len(data)
@@ -573,8 +577,7 @@ async def _relay_response(ctx: ProxyContext, upstream: Conn, client: _Out, frami
         return True
     if framing.kind == "close":
         while True:
-            async with asyncio.timeout(timeout):
-                data = await upstream.read_some(_BODY_CHUNK)
+            data = await upstream.read_some(_BODY_CHUNK, upstream.loop.time() + timeout)
             if not data:
                 await client.end_body()
                 return False
@@ -582,8 +585,7 @@ async def _relay_response(ctx: ProxyContext, upstream: Conn, client: _Out, frami
             await client.send(data)
     decoder = ChunkedDecoder()
     while not decoder.done:
-        async with asyncio.timeout(timeout):
-            data = await upstream.read_some(_BODY_CHUNK)
+        data = await upstream.read_some(_BODY_CHUNK, upstream.loop.time() + timeout)
         if not data:
             return False
         chunks = [c for c in decoder.feed(data) if c]

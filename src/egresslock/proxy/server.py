@@ -85,17 +85,43 @@ class ProxyServer:
         self._accepting.append(asyncio.ensure_future(self._accept_loop(listener, transparent)))
 
     async def _accept_loop(self, listener: socket.socket, transparent: bool) -> None:
+        """Accept until cancelled. The listener stays registered with the loop while it is
+        drained (the loop's sock_accept registers and unregisters it for every connection)."""
         loop = asyncio.get_running_loop()
-        while True:
-            try:
-                sock, _ = await loop.sock_accept(listener)
-            except OSError as exc:  # EMFILE and friends: back off instead of spinning
-                log.warning("accept failed: %s", exc)
-                await asyncio.sleep(0.1)
-                continue
-            task = asyncio.ensure_future(self._connection(sock, transparent))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        fd = listener.fileno()
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(fd, readable)
+        try:
+            accepted = 0
+            while True:
+                try:
+                    sock, _ = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    accepted = 0
+                    ready = loop.create_future()
+                    await ready
+                    continue
+                except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                    log.warning("accept failed: %s", exc)
+                    loop.remove_reader(fd)
+                    await asyncio.sleep(0.1)
+                    loop.add_reader(fd, readable)
+                    continue
+                task = asyncio.ensure_future(self._connection(sock, transparent))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                accepted += 1
+                if accepted >= 64:  # a flood of connections must not starve the others
+                    accepted = 0
+                    await asyncio.sleep(0)
+        finally:
+            with contextlib.suppress(RuntimeError, ValueError, OSError):
+                loop.remove_reader(fd)
 
     async def close(self) -> None:
         for t in self._accepting:
@@ -145,20 +171,21 @@ class ProxyServer:
     async def _read_head(self, client: Conn, first: bool) -> bytes | None:
         """The next head; None when the client is done. Answers 408/431/400 itself."""
         limits = self.ctx.limits
+        loop = client.loop
         if not client.buf:
             # Waiting for a next request is idle time; once a byte arrives the head clock runs.
+            wait = limits.head_timeout if first else limits.idle_timeout
             try:
-                async with asyncio.timeout(limits.head_timeout if first else limits.idle_timeout):
-                    if not await client.fill():
-                        return None
+                if not await client.fill(loop.time() + wait):
+                    return None
             except TimeoutError:
                 if first:
                     self._refuse_raw(client, 408, "Request Timeout",
                                      f"no request within {limits.head_timeout:g}s")
                 return None
         try:
-            async with asyncio.timeout(limits.head_timeout):
-                return await client.read_head(limits.max_head_bytes)
+            return await client.read_head(limits.max_head_bytes,
+                                          loop.time() + limits.head_timeout)
         except TimeoutError:
             self._refuse_raw(client, 408, "Request Timeout",
                              f"request head not complete within {limits.head_timeout:g}s")
@@ -170,6 +197,7 @@ class ProxyServer:
 
     def _refuse_raw(self, client: Conn, status: int, text: str, reason: str) -> None:
         client.linger = True
+        client.stop_reading()
         with contextlib.suppress(OSError):
             client.sock.setblocking(True)
             client.sock.settimeout(1.0)

@@ -9,6 +9,7 @@ decrypted requests unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 
@@ -26,6 +27,7 @@ class TLSConn(Conn):
 
     def __init__(self, raw: Conn, context: ssl.SSLContext, server_side: bool,
                  server_hostname: str | None = None) -> None:
+        raw.stop_reading()  # the socket is read through the loop's sock_recv from now on
         super().__init__(raw.sock)
         self._raw = raw
         self._ended = False
@@ -77,7 +79,17 @@ class TLSConn(Conn):
     def alpn(self) -> str | None:
         return self._tls.selected_alpn_protocol()
 
-    async def fill(self) -> bool:
+    async def readable(self, deadline: float | None = None) -> None:
+        """Nothing to wait for here: decrypted bytes may already wait inside TLS; ``fill``
+        waits when it has to."""
+
+    async def fill(self, deadline: float | None = None) -> bool:
+        if deadline is None:
+            return await self._fill()
+        async with asyncio.timeout_at(deadline):
+            return await self._fill()
+
+    async def _fill(self) -> bool:
         while True:
             try:
                 data = self._tls.read(RECV_SIZE)

@@ -9,7 +9,6 @@ connection before a byte reaches upstream, and the log says why.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from egresslock.audit import AuditRecord
@@ -73,17 +72,17 @@ async def read_hello(ctx: ProxyContext, client: Conn, tls_required: bool
     decides which.
     """
     wait = ctx.limits.hello_timeout if tls_required else 0.25
+    deadline = client.loop.time() + wait
     try:
-        async with asyncio.timeout(wait):
-            while True:
-                if client.buf:
-                    if not tls_required and not looks_like_tls(bytes(client.buf[:3])):
-                        return None
-                    hello = parse_client_hello(bytes(client.buf))
-                    if hello is not None:
-                        return hello
-                if not await client.fill():
-                    raise NotTLS("client closed the tunnel before its first bytes")
+        while True:
+            if client.buf:
+                if not tls_required and not looks_like_tls(bytes(client.buf[:3])):
+                    return None
+                hello = parse_client_hello(bytes(client.buf))
+                if hello is not None:
+                    return hello
+            if not await client.fill(deadline):
+                raise NotTLS("client closed the tunnel before its first bytes")
     except TimeoutError:
         if tls_required:
             raise NotTLS(f"no TLS ClientHello within {wait:g}s") from None
@@ -158,6 +157,8 @@ async def run_tunnel(ctx: ProxyContext, client: Conn, host: str, port: int, deci
             await upstream.send(first)
             result.bytes_out += len(first)
         stats = RelayStats()
+        client.stop_reading()  # the relay waits on both sockets itself
+        upstream.stop_reading()
         if ctx.metrics is not None:
             ctx.metrics.tunnels.inc()
         try:
