@@ -2,9 +2,17 @@
 
 On Linux each direction moves socket → pipe → socket with ``splice(2)``, so payload bytes never
 enter Python: measured on this project's machines at about a third of the CPU per GiB of a
-Python-level copy loop. Elsewhere (or when ``splice`` is refused) a portable loop over
-non-blocking sockets does the same job. Both count bytes for the audit log and end the tunnel
-when both directions are closed or when it has been idle for ``idle_timeout`` seconds.
+Python-level copy loop. Elsewhere (or when ``splice`` is refused) a portable copy through a
+buffer does the same job. Both count bytes for the audit log and end the tunnel when both
+directions are closed or when it has been idle for ``idle_timeout`` seconds.
+
+Each direction is a small state machine driven by the loop's readiness callbacks, not a task:
+a tunnel is opened for a few hundred microseconds of work, and two tasks, their futures and an
+``asyncio.wait`` were a fifth of that. A direction waits on its source while it can read, and on
+its destination only while the destination is full; its source stays registered while it waits,
+and is unregistered while it cannot write (epoll is level-triggered and would report the source
+again and again). The idle timer is one handle, re-armed when it fires early rather than moved
+at every transfer.
 """
 
 from __future__ import annotations
@@ -16,13 +24,13 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from egresslock.fdwait import wait_fd
-
 _SPLICE = hasattr(os, "splice")
 _CHUNK = 1 << 18
 _SPLICE_FLAGS = (getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
                  if _SPLICE else 0)
 _F_SETPIPE_SZ = 1031
+# Transfers one readiness callback makes before it lets the loop serve others (16 x 256 KiB).
+_ROUNDS = 16
 
 
 @dataclass(slots=True)
@@ -34,96 +42,201 @@ class RelayStats:
     last_active: float = field(default_factory=time.monotonic)
 
 
-async def _pump_splice(src: socket.socket, dst: socket.socket, stats: RelayStats,
-                       upstream: bool) -> None:
-    loop = asyncio.get_running_loop()
-    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    with contextlib.suppress(OSError):
-        import fcntl
+class _Pump:
+    """One direction, ``src`` to ``dst``: through a pipe with splice, or through a buffer."""
 
-        fcntl.fcntl(wfd, _F_SETPIPE_SZ, _CHUNK)
-    s, d = src.fileno(), dst.fileno()
-    in_pipe = 0
-    try:
-        while True:
-            if in_pipe == 0:
+    __slots__ = ("_buffer", "_in_pipe", "_pipe", "_reading", "_writing", "dst", "dst_sock",
+                 "ended", "error", "loop", "relay", "src", "src_sock", "upstream")
+
+    def __init__(self, relay: _Relay, src: socket.socket, dst: socket.socket, upstream: bool,
+                 use_splice: bool) -> None:
+        self.relay, self.loop = relay, relay.loop
+        self.src_sock, self.dst_sock = src, dst
+        self.src, self.dst = src.fileno(), dst.fileno()
+        self.upstream = upstream
+        self.ended = False
+        self.error: OSError | None = None
+        self._reading = self._writing = False
+        self._in_pipe = 0
+        self._buffer = b""
+        self._pipe: tuple[int, int] | None = None
+        if use_splice:
+            self._pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            with contextlib.suppress(OSError):
+                import fcntl
+
+                fcntl.fcntl(self._pipe[1], _F_SETPIPE_SZ, _CHUNK)
+
+    def move(self) -> None:
+        """Move what can be moved now, then wait for the side that holds things up."""
+        if self.ended or self.relay.done.done():
+            return
+        try:
+            blocked = self._splice(self._pipe) if self._pipe is not None else self._copy()
+        except OSError as exc:
+            self._end(exc)
+            return
+        except Exception as exc:  # a bug: the awaiting task raises it, the tunnel ends
+            self.relay.fail(exc)
+            return
+        if blocked == "eof":
+            self._end(None)
+        elif blocked == "read":
+            self._watch(read=True)
+        else:
+            self._watch(read=False)
+
+    def _splice(self, pipe: tuple[int, int]) -> str:
+        rfd, wfd = pipe
+        moved = 0
+        try:
+            for _ in range(_ROUNDS):
+                if self._in_pipe == 0:
+                    try:
+                        n = os.splice(self.src, wfd, _CHUNK, flags=_SPLICE_FLAGS)
+                    except BlockingIOError:
+                        return "read"
+                    if n == 0:
+                        return "eof"
+                    self._in_pipe = n
                 try:
-                    n = os.splice(s, wfd, _CHUNK, flags=_SPLICE_FLAGS)
+                    m = os.splice(rfd, self.dst, self._in_pipe, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
-                    await wait_fd(loop, s, writable=False)
-                    continue
-                if n == 0:
-                    break
-                in_pipe = n
-            try:
-                m = os.splice(rfd, d, in_pipe, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                await wait_fd(loop, d, writable=True)
-                continue
-            in_pipe -= m
-            if upstream:
-                stats.bytes_up += m
-            else:
-                stats.bytes_down += m
-            stats.last_active = time.monotonic()
-    finally:
-        os.close(rfd)
-        os.close(wfd)
+                    return "write"
+                self._in_pipe -= m
+                moved += m
+            # Another tunnel's turn; the source, still registered, calls again if it has more.
+            # The pipe may still hold bytes: wait for the destination then, not the source.
+            return "read" if self._in_pipe == 0 else "write"
+        finally:
+            if moved:
+                self.relay.count(self.upstream, moved)
+
+    def _copy(self) -> str:
+        moved = 0
+        try:
+            for _ in range(_ROUNDS):
+                if not self._buffer:
+                    try:
+                        self._buffer = self.src_sock.recv(_CHUNK)
+                    except (BlockingIOError, InterruptedError):
+                        return "read"
+                    if not self._buffer:
+                        return "eof"
+                try:
+                    m = self.dst_sock.send(self._buffer)
+                except (BlockingIOError, InterruptedError):
+                    return "write"
+                self._buffer = self._buffer[m:]
+                moved += m
+            return "write" if self._buffer else "read"
+        finally:
+            if moved:
+                self.relay.count(self.upstream, moved)
+
+    def _watch(self, read: bool) -> None:
+        if read and not self._reading:
+            self._unwatch_write()
+            self.loop.add_reader(self.src, self.move)
+            self._reading = True
+        elif not read and not self._writing:
+            self._unwatch_read()
+            self.loop.add_writer(self.dst, self.move)
+            self._writing = True
+
+    def _unwatch_read(self) -> None:
+        if self._reading:
+            self._reading = False
+            self.loop.remove_reader(self.src)
+
+    def _unwatch_write(self) -> None:
+        if self._writing:
+            self._writing = False
+            self.loop.remove_writer(self.dst)
+
+    def _end(self, error: OSError | None) -> None:
+        self.stop()
+        self.ended, self.error = True, error
         with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
+            self.dst_sock.shutdown(socket.SHUT_WR)
+        self.relay.ended(self)
+
+    def stop(self) -> None:
+        """Unregister from the loop and release the pipe. Idempotent."""
+        with contextlib.suppress(RuntimeError, ValueError, OSError):  # the loop closed first
+            self._unwatch_read()
+            self._unwatch_write()
+        if self._pipe is not None:
+            for fd in self._pipe:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._pipe = None
 
 
-async def _pump_copy(src: socket.socket, dst: socket.socket, stats: RelayStats,
-                     upstream: bool) -> None:
-    loop = asyncio.get_running_loop()
-    try:
-        while True:
-            data = await loop.sock_recv(src, _CHUNK)
-            if not data:
-                break
-            await loop.sock_sendall(dst, data)
-            if upstream:
-                stats.bytes_up += len(data)
-            else:
-                stats.bytes_down += len(data)
-            stats.last_active = time.monotonic()
-    finally:
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
+class _Relay:
+    """Both directions of one tunnel, the idle timer, and the future the caller awaits."""
+
+    __slots__ = ("done", "ended_how", "idle_timeout", "loop", "pumps", "stats", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stats: RelayStats,
+                 idle_timeout: float) -> None:
+        self.loop, self.stats, self.idle_timeout = loop, stats, idle_timeout
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.ended_how = "closed"
+        self.pumps: list[_Pump] = []
+        self.timer = loop.call_later(idle_timeout, self._on_timer)
+
+    def count(self, upstream: bool, moved: int) -> None:
+        if upstream:
+            self.stats.bytes_up += moved
+        else:
+            self.stats.bytes_down += moved
+        self.stats.last_active = time.monotonic()
+
+    def ended(self, pump: _Pump) -> None:
+        if pump.error is not None:
+            # One side failed: the tunnel is over. Named with the error once both sides ended.
+            others_ended = all(p.ended for p in self.pumps)
+            self._finish(f"reset: {pump.error}" if others_ended else "reset")
+        elif all(p.ended for p in self.pumps):
+            self._finish(self.ended_how)
+
+    def _on_timer(self) -> None:
+        remaining = self.idle_timeout - (time.monotonic() - self.stats.last_active)
+        if remaining <= 0:
+            self._finish(f"idle for {self.idle_timeout:g}s")
+        else:
+            self.timer = self.loop.call_later(remaining, self._on_timer)
+
+    def fail(self, exc: Exception) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+    def _finish(self, how: str) -> None:
+        if not self.done.done():
+            self.ended_how = how
+            self.done.set_result(None)
+
+    def close(self) -> None:
+        self.timer.cancel()
+        for pump in self.pumps:
+            pump.stop()
 
 
 async def relay(client: socket.socket, upstream: socket.socket, stats: RelayStats,
                 idle_timeout: float, use_splice: bool = True) -> str:
     """Relay until both directions end or the tunnel idles out. Returns how it ended."""
-    pump = _pump_splice if (use_splice and _SPLICE) else _pump_copy
+    loop = asyncio.get_running_loop()
     client.setblocking(False)
     upstream.setblocking(False)
-    tasks = [
-        asyncio.ensure_future(pump(client, upstream, stats, True)),
-        asyncio.ensure_future(pump(upstream, client, stats, False)),
-    ]
-    ended = "closed"
+    state = _Relay(loop, stats, idle_timeout)
+    splice = use_splice and _SPLICE
     try:
-        while True:
-            remaining = idle_timeout - (time.monotonic() - stats.last_active)
-            if remaining <= 0:
-                ended = f"idle for {idle_timeout:g}s"
-                break
-            done, pending = await asyncio.wait(tasks, timeout=remaining,
-                                               return_when=asyncio.ALL_COMPLETED)
-            if not pending:
-                for t in done:
-                    exc = t.exception()
-                    if exc is not None and not isinstance(exc, ConnectionError | OSError):
-                        raise exc
-                    if exc is not None:
-                        ended = f"reset: {exc}"
-                break
-            if any(t.done() and t.exception() is not None for t in tasks):
-                ended = "reset"
-                break
+        state.pumps = [_Pump(state, client, upstream, True, splice),
+                       _Pump(state, upstream, client, False, splice)]
+        for pump in state.pumps:
+            pump.move()
+        await state.done
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return ended
+        state.close()
+    return state.ended_how
