@@ -124,9 +124,15 @@ class AuditRow:
         return out
 
 
+# The encoders json.dumps would build on each call with these arguments, built once: the writer
+# hashes every row, and making the encoder was a third of the cost. The output is the same.
+_CANONICAL = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+_EXTRA = json.JSONEncoder(ensure_ascii=True, sort_keys=True, separators=(",", ":"), default=str)
+
+
 def row_hash(prev_hash: str, values: tuple[object, ...]) -> str:
     """The chain hash of a row whose hashed columns are ``values`` (see the module docstring)."""
-    canonical = json.dumps(values, ensure_ascii=True, separators=(",", ":"))
+    canonical = _CANONICAL.encode(values)
     return hashlib.sha256(f"{prev_hash}\n{canonical}".encode("ascii")).hexdigest()
 
 
@@ -134,6 +140,8 @@ def _text(value: object) -> str | None:
     if value is None:
         return None
     text = value if type(value) is str else str(value)
+    if text.isascii():
+        return text
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -158,8 +166,7 @@ def _extra_json(extra: Mapping[str, object] | None) -> str | None:
     if extra is None:
         return None
     try:
-        return json.dumps(dict(extra), ensure_ascii=True, sort_keys=True,
-                          separators=(",", ":"), default=str)
+        return _EXTRA.encode(dict(extra))
     except (TypeError, ValueError) as exc:
         # Keys JSON cannot sort or hold: keep what can be kept, never lose the row.
         return json.dumps({"unencodable_extra": repr(extra), "error": str(exc)},
