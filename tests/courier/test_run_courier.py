@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.courier.conftest import CourierWorld, make_visible_workdir
-from tests.sandbox.conftest import PYTHON, WorldRun
+from tests.sandbox.conftest import PYTHON, WorldRun, assert_warm
 from tests.sandbox.world import SECRET
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.integration, pytest.mark.sandbox]
@@ -149,8 +149,9 @@ def _last_json(run: WorldRun) -> dict[str, Any]:
     return run.json_stdout()
 
 
-def test_calls_are_sent_as_templated_or_refused_and_logged(courier_world: CourierWorld
-                                                          ) -> None:
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+def test_calls_are_sent_as_templated_or_refused_and_logged(courier_world: CourierWorld,
+                                                          warm: bool) -> None:
     script = f"""\
         echo "token=${{APP_TOKEN:-unset}}"
         curl -s -o list-proxy.json -w "list-proxy=%{{http_code}}\\n" http://127.0.0.1:3128/actions
@@ -160,7 +161,9 @@ def test_calls_are_sent_as_templated_or_refused_and_logged(courier_world: Courie
         curl -s -w "\\ndirect=%{{http_code}}\\n" -X POST -d 'title=around the schema' \\
             http://app.test/repos/acme/widgets/issues
         """
-    run = _run(courier_world, script, workdir=_workdir(**{"agent.py": AGENT}))
+    run = _run(courier_world, script, workdir=_workdir(**{"agent.py": AGENT}), warm=warm)
+    if warm:  # the worker of a warm server starts the courier's own sandbox too
+        assert_warm(run)
     assert run.exit == 0, run.describe()
     assert "token=unset" in run.stdout, "the agent holds the courier's credential"
     # via: courier: the agent cannot send to the action's endpoint itself, around the schema.
