@@ -222,16 +222,12 @@ def preload() -> None:
     import egresslock.sandbox.process
     import egresslock.sandbox.spawn  # noqa: F401
     from egresslock.cli.session import preload as preload_sandbox
-    from egresslock.content.scanner import remember_engines
-    from egresslock.policy.compiled import remember_compiled
-    from egresslock.policy.loader import remember_policies
+    from egresslock.memo import Memo
 
     with contextlib.suppress(ImportError):
         import uvloop  # noqa: F401
     preload_sandbox()
-    remember_policies()
-    remember_compiled()
-    remember_engines()
+    Memo.remember()  # parsed policies, compiled policies, scan engines
 
 
 class WarmServer:

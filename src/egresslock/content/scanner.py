@@ -23,6 +23,7 @@ from typing import Protocol
 
 from egresslock.content.detectors import Detector
 from egresslock.content.encodings import Form, Views, forms
+from egresslock.memo import Memo
 
 
 class Kind(enum.Enum):
@@ -119,38 +120,21 @@ class _AhoCorasick:
 def _engine(patterns: list[bytes]) -> _Engine:
     """The fastest multi-pattern engine this machine has; both find the same matches."""
     kind = "aho-corasick" if os.environ.get("EGRESSLOCK_MATCHER") == "aho-corasick" else "any"
-    key = (kind, tuple(patterns))
-    known = _Remembered.engines.get(key) if _Remembered.enabled else None
-    if known is not None:
-        return known
-    engine: _Engine | None = None
+    return _ENGINES.get((kind, tuple(patterns)), lambda: _make_engine(kind, patterns))
+
+
+def _make_engine(kind: str, patterns: list[bytes]) -> _Engine:
     if kind == "any":
         try:
-            engine = _Hyperscan(patterns)
+            return _Hyperscan(patterns)
         except ImportError:
-            engine = None
-    if engine is None:
-        engine = _AhoCorasick(patterns)
-    if _Remembered.enabled:
-        if len(_Remembered.engines) >= _Remembered.size:
-            del _Remembered.engines[next(iter(_Remembered.engines))]
-        _Remembered.engines[key] = engine
-    return engine
+            pass
+    return _AhoCorasick(patterns)
 
 
-class _Remembered:
-    """Compiled engines by pattern set, kept only in a process that starts many runs (the warm
-    server): compiling is most of a scanner's cost, and an engine finds the same matches for
-    whoever asks."""
-
-    enabled = False
-    size = 16
-    engines: dict[tuple[str, tuple[bytes, ...]], _Engine] = {}  # noqa: RUF012
-
-
-def remember_engines() -> None:
-    """From now on, scanners with the same patterns share one compiled engine."""
-    _Remembered.enabled = True
+# Compiled engines by pattern set: compiling is most of a scanner's cost, and an engine finds the
+# same matches for whoever asks. Kept only where remembering is on (the warm server).
+_ENGINES: Memo[tuple[str, tuple[bytes, ...]], _Engine] = Memo()
 
 
 _CACHED_SIZE = 512

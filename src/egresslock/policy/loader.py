@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from egresslock.errors import PolicyError, PolicyProblem
+from egresslock.memo import Memo
 from egresslock.policy.model import Policy, Rule
 
 Loc = tuple[str | int, ...]
@@ -335,25 +336,16 @@ def load_policy(path: str | Path) -> Policy:
         text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError([PolicyProblem(str(p), None, "", f"cannot be read: {exc}")]) from exc
-    if not _Remembered.enabled:
-        return parse_policy(text, str(p))
-    key = (str(p), hashlib.sha256(data).digest())
-    policy = _Remembered.policies.get(key)
-    if policy is None:
-        policy = parse_policy(text, str(p))
-        if len(_Remembered.policies) >= _Remembered.size:
-            del _Remembered.policies[next(iter(_Remembered.policies))]
-        _Remembered.policies[key] = policy
-    return policy
+    return _POLICIES.get(_policy_key(p, data), lambda: parse_policy(text, str(p)))
 
 
-class _Remembered:
-    """Parsed policies by file name and content, kept only in a process that starts many runs
-    (the warm server): a policy is immutable, and an edited file has other bytes."""
+# Parsed policies by file name and content: a policy is immutable, and an edited file has other
+# bytes. Kept only where remembering is on (the warm server; see egresslock.memo).
+_POLICIES: Memo[tuple[str, bytes], Policy] = Memo()
 
-    enabled = False
-    size = 16
-    policies: dict[tuple[str, bytes], Policy] = {}  # noqa: RUF012 - one table per process
+
+def _policy_key(path: Path, data: bytes) -> tuple[str, bytes]:
+    return str(path), hashlib.sha256(data).digest()
 
 
 def is_remembered(path: str | Path) -> bool:
@@ -362,12 +354,7 @@ def is_remembered(path: str | Path) -> bool:
         data = Path(path).read_bytes()
     except OSError:
         return False
-    return (str(Path(path)), hashlib.sha256(data).digest()) in _Remembered.policies
-
-
-def remember_policies() -> None:
-    """From now on, ``load_policy`` keeps what it parsed, keyed by file name and content."""
-    _Remembered.enabled = True
+    return _policy_key(Path(path), data) in _POLICIES
 
 
 def strict_warnings(policy: Policy) -> list[str]:
