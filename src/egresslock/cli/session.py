@@ -236,11 +236,11 @@ def preload() -> None:
     import egresslock.sandbox.landlock
     import egresslock.sandbox.netlink  # noqa: F401
     from egresslock.sandbox.nft import library
-    from egresslock.sandbox.seccomp import prepare_filter
+    from egresslock.sandbox.seccomp import prepared_filter
 
     # After it drops root the child may not read the interpreter's files (a Python under /root);
     # and the filter built here is only loaded by each child, as libnftables is only used.
-    prepare_filter()
+    prepared_filter()
     library()
 
 

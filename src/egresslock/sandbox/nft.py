@@ -15,6 +15,7 @@ it is readable in a bug report, the tests install exactly the text a user can in
 from __future__ import annotations
 
 import ctypes
+import functools
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -104,21 +105,15 @@ def capture_ruleset(spec: CaptureSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
+@functools.cache
 def library() -> ctypes.CDLL:
     """libnftables, loaded once per process. Loading it takes about 1 ms: a parent that forks
     sandbox children loads it first (``preload``), so each child only makes a context."""
-    if _LOADED:
-        return _LOADED[0]
     try:
-        lib = ctypes.CDLL(_LIBRARY, use_errno=True)
+        return ctypes.CDLL(_LIBRARY, use_errno=True)
     except OSError as exc:
         raise SandboxError(f"cannot load {_LIBRARY}: {exc}; install the nftables library "
                            f"(Debian/Ubuntu: libnftables1, Fedora: nftables)") from exc
-    _LOADED.append(lib)
-    return lib
-
-
-_LOADED: list[ctypes.CDLL] = []
 
 
 class Nft:

@@ -29,6 +29,7 @@ sockets through socketcall with its arguments in memory, and an agent has no bus
 from __future__ import annotations
 
 import errno
+import functools
 import tempfile
 from typing import Any
 
@@ -195,15 +196,12 @@ def build_filter() -> Any:
     return f
 
 
-# The filter, built once by prepare_filter() in a parent before it forks sandboxed children: a
-# child then only loads it (building is ~150 calls into libseccomp, about 2 ms).
-_PREPARED: list[Any] = []
-
-
-def prepare_filter() -> None:
-    """Build the filter now, in this process, for every child forked from it to load."""
-    if not _PREPARED:
-        _PREPARED.append(build_filter())
+@functools.cache
+def prepared_filter() -> Any:
+    """The filter, built once per process: a parent calls this before it forks sandboxed
+    children, so that each child only loads it (building is ~150 calls into libseccomp,
+    about 2 ms)."""
+    return build_filter()
 
 
 def install_seccomp() -> None:
@@ -213,7 +211,7 @@ def install_seccomp() -> None:
     itself makes. Children and exec'd programs inherit it. Raises :class:`SandboxError` when the
     kernel or libseccomp cannot provide it, so that nothing runs unfiltered by accident.
     """
-    f = _PREPARED[0] if _PREPARED else build_filter()
+    f = prepared_filter()
     set_no_new_privs()
     try:
         f.load()
