@@ -72,16 +72,24 @@ def encode_run(argv: list[str], env: dict[str, str] | os._Environ[str], umask: i
 
 def read_frame(sock: _socket.socket, limit: int = 1 << 20) -> bytes | None:
     """One length-prefixed message; None at end of stream."""
-    head = _read_exactly(sock, 4)
+    head = read_exactly(sock, 4)
     if head is None:
         return None
     size = int.from_bytes(head, "big")
     if size > limit:
         raise OSError(f"warm start: a message of {size} bytes is over the {limit} limit")
-    return _read_exactly(sock, size) if size else b""
+    return read_exactly(sock, size) if size else b""
 
 
-def _read_exactly(sock: _socket.socket, size: int) -> bytes | None:
+def peer_credentials(sock: _socket.socket) -> tuple[int, int, int]:
+    """The pid, uid and gid of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
+    return (int.from_bytes(creds[0:4], sys.byteorder), int.from_bytes(creds[4:8], sys.byteorder),
+            int.from_bytes(creds[8:12], sys.byteorder))
+
+
+def read_exactly(sock: _socket.socket, size: int) -> bytes | None:
+    """``size`` bytes, or None when the stream ends first."""
     data = b""
     while len(data) < size:
         chunk = sock.recv(size - len(data))
@@ -113,8 +121,7 @@ def try_run(argv: list[str]) -> int | None:
         except (ConnectionRefusedError, FileNotFoundError):
             _ABSENT.append(True)
             raise
-        creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
-        uid = int.from_bytes(creds[4:8], sys.byteorder)
+        _, uid, _ = peer_credentials(sock)
         if uid != os.geteuid():  # someone else holds the name: tell them nothing
             print(f"egresslock: warning: the warm-start socket is held by uid {uid}, not this "
                   "user; starting cold", file=sys.stderr)

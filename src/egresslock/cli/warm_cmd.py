@@ -156,14 +156,13 @@ def spawn_server(idle: str, log_path: Path) -> subprocess.Popen[bytes]:
 def ask(op: str) -> dict[str, object] | None:
     """Send a control request to this user's warm server; None when none answers (or the socket
     belongs to another user, who is told nothing)."""
-    from egresslock.cli.warm_client import frame, read_frame, socket_name
+    from egresslock.cli.warm_client import frame, peer_credentials, read_frame, socket_name
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(5.0)
         try:
             sock.connect(socket_name())
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-            if int.from_bytes(creds[4:8], sys.byteorder) != os.geteuid():
+            if peer_credentials(sock)[1] != os.geteuid():
                 return None
             sock.sendall(frame(json.dumps({"op": op}).encode()))
             answer = read_frame(sock)

@@ -47,6 +47,8 @@ from egresslock.cli.warm_client import (
     MAGIC,
     RLIMITS,
     frame,
+    peer_credentials,
+    read_exactly,
     socket_name,
 )
 
@@ -231,7 +233,7 @@ def preload() -> None:
 
 
 class WarmServer:
-    def __init__(self, idle_timeout: float, log: object = None) -> None:
+    def __init__(self, idle_timeout: float) -> None:
         self.name = socket_name()
         self.idle_timeout = idle_timeout
         self.started_at = time.time()
@@ -302,7 +304,7 @@ class WarmServer:
             self.workers.discard(pid)
 
     def _handle(self, conn: socket.socket) -> None:
-        pid, uid, gid = _peer(conn)
+        pid, uid, gid = peer_credentials(conn)
         if uid != os.geteuid() or gid != os.getegid():
             log(f"refused pid {pid}: uid {uid} gid {gid} is not the server's")
             return
@@ -353,12 +355,6 @@ class WarmServer:
             conn.sendall(frame(json.dumps({"error": f"unknown operation {op!r}"}).encode()))
 
 
-def _peer(conn: socket.socket) -> tuple[int, int, int]:
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    return (int.from_bytes(creds[0:4], sys.byteorder), int.from_bytes(creds[4:8], sys.byteorder),
-            int.from_bytes(creds[8:12], sys.byteorder))
-
-
 def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
     """A framed request and the descriptors sent with its first bytes (close-on-exec)."""
     space = socket.CMSG_SPACE(8 * 4)
@@ -371,13 +367,13 @@ def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
                     for i in range(0, usable, 4)]
     try:
         if len(first) < 4:
-            first += _exactly(conn, 4 - len(first))
+            first += _more(conn, 4 - len(first))
         size = int.from_bytes(first[:4], "big")
         if size > MAX_REQUEST:
             raise ValueError(f"a request of {size} bytes is over the {MAX_REQUEST} limit")
         body = first[4:]
         if len(body) < size:
-            body += _exactly(conn, size - len(body))
+            body += _more(conn, size - len(body))
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -385,13 +381,10 @@ def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
     return body, fds
 
 
-def _exactly(conn: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = conn.recv(size - len(data))
-        if not chunk:
-            raise ValueError("the client closed the connection mid-request")
-        data += chunk
+def _more(conn: socket.socket, size: int) -> bytes:
+    data = read_exactly(conn, size)
+    if data is None:
+        raise ValueError("the client closed the connection mid-request")
     return data
 
 
