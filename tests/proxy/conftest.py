@@ -123,24 +123,38 @@ PINS = ["app.test:127.0.0.1", "write.test:127.0.0.1", "secure.test:127.0.0.1",
         "other.test:127.0.0.1", "meta.test:169.254.169.254"]
 
 
+class Proxies:
+    """``egresslock proxy`` processes of one test module, each in a directory of its own with
+    its policy (``default_policy`` unless given) and audit log, pinned with ``pins``."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory, default_policy: str,
+                 pins: list[str]) -> None:
+        self.tmp_path_factory = tmp_path_factory
+        self.default_policy = default_policy
+        self.pins = pins
+        self.started: list[RunningProxy] = []
+
+    def start(self, policy_text: str | None = None, *extra: str) -> RunningProxy:
+        d = self.tmp_path_factory.mktemp("proxy")
+        policy = d / "policy.yaml"
+        policy.write_text(policy_text or self.default_policy)
+        pins = [arg for pin in self.pins for arg in ("--resolve", pin)]
+        p = start_proxy(policy, d / "audit.db", *pins, *extra)
+        self.started.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in self.started:
+            p.stop()
+
+
 @pytest.fixture(scope="module")
 def proxy_factory(upstreams: Upstreams, tmp_path_factory: pytest.TempPathFactory
                   ) -> Iterator[Callable[..., RunningProxy]]:
-    started: list[RunningProxy] = []
-
-    def factory(policy_text: str | None = None, *extra: str) -> RunningProxy:
-        d = tmp_path_factory.mktemp("proxy")
-        policy = d / "policy.yaml"
-        policy.write_text(policy_text or POLICY.format(http=upstreams.http.port,
-                                                       tls=upstreams.tls.port))
-        pins = [arg for pin in PINS for arg in ("--resolve", pin)]
-        p = start_proxy(policy, d / "audit.db", *pins, *extra)
-        started.append(p)
-        return p
-
-    yield factory
-    for p in started:
-        p.stop()
+    proxies = Proxies(tmp_path_factory,
+                      POLICY.format(http=upstreams.http.port, tls=upstreams.tls.port), PINS)
+    yield proxies.start
+    proxies.stop_all()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.proxy.conftest import PINS, RunningProxy, Upstreams, start_proxy
+from tests.proxy.conftest import PINS, Proxies, RunningProxy, Upstreams
 
 pytestmark = pytest.mark.integration
 
@@ -61,21 +61,16 @@ rules:
 @pytest.fixture(scope="module")
 def content_proxy(upstreams: Upstreams, tmp_path_factory: pytest.TempPathFactory
                   ) -> Iterator[Callable[..., RunningProxy]]:
-    started: list[RunningProxy] = []
+    pins = [pin for pin in PINS if not pin.startswith("meta.test:169")] + ["meta.test:127.0.0.1"]
+    proxies = Proxies(tmp_path_factory, POLICY.format(http=upstreams.http.port, secret=SECRET),
+                      pins)
 
     def factory(policy_text: str | None = None, keys: Path | None = None) -> RunningProxy:
-        d = tmp_path_factory.mktemp("content")
-        policy = d / "policy.yaml"
-        policy.write_text(policy_text or POLICY.format(http=upstreams.http.port, secret=SECRET))
-        pins = [arg for pin in (*PINS, "meta.test:127.0.0.1") for arg in ("--resolve", pin)
-                if not pin.startswith("meta.test:169")]
-        p = start_proxy(policy, d / "audit.db", *pins, "--ca-dir", str(keys or d / "ca"))
-        started.append(p)
-        return p
+        ca = keys or tmp_path_factory.mktemp("content-ca") / "ca"
+        return proxies.start(policy_text, "--ca-dir", str(ca))
 
     yield factory
-    for p in started:
-        p.stop()
+    proxies.stop_all()
 
 
 @pytest.fixture(scope="module")
