@@ -43,5 +43,5 @@ echo "==> pip install -e '.[dev]'"
 # where PYTHONDONTWRITEBYTECODE is set: that costs ~45 ms per run.
 .venv/bin/python -m compileall -q src .venv/lib >/dev/null 2>&1 || true
 
-echo "==> egresslock on examples/basic.yaml"
+echo "==> scripts/demo.sh: egresslock on examples/local-demo.yaml"
 scripts/demo.sh

@@ -385,6 +385,32 @@ def test_dns_rebinding_attack_is_denied(policy: CompiledPolicy, request_: Reques
     assert f"(host {request_.host})" in decision.reason
 
 
+@pytest.mark.parametrize(("address", "cls"), [
+    pytest.param("10.0.0.1", "private", id="10.0.0.1"),
+    pytest.param("172.16.0.1", "private", id="172.16.0.1"),
+    pytest.param("192.168.0.1", "private", id="192.168.0.1"),
+    pytest.param("100.64.0.1", "cgnat", id="100.64.0.1"),
+    pytest.param("127.0.0.1", "loopback", id="127.0.0.1"),
+    pytest.param("169.254.169.254", "link-local", id="169.254.169.254"),
+    pytest.param("255.255.255.255", "broadcast", id="255.255.255.255"),
+    pytest.param("::1", "loopback", id="::1"),
+    pytest.param("ff02::2", "multicast", id="ff02::2"),
+    pytest.param("64:ff9b::ac1c:5", "ipv6-embedded-ipv4, carrying 172.28.0.5", id="NAT64"),
+    pytest.param("2002:c000:201::1", "ipv6-embedded-ipv4, carrying 192.0.2.1", id="6to4"),
+    pytest.param("2001:0:4136:e378:8000:63bf:3fff:fdd2",
+                 "ipv6-embedded-ipv4, carrying 192.0.2.45", id="Teredo"),
+])
+@pytest.mark.parametrize("layer", [Layer.HTTP, Layer.CONNECT, Layer.DNS])
+def test_non_global_address_attack_is_denied_at_every_layer(
+        policy: CompiledPolicy, address: str, cls: str, layer: Layer) -> None:
+    # smokescreen's addresses that are not global unicast, behind a host a rule allows at every
+    # layer: block_private refuses each wherever an address is learnt (answer, dial, request).
+    request_ = Request("internal.test", 80, "http", "GET", "/", addresses=ips(address),
+                       layer=layer)
+    check(decide(policy, request_), Verdict.DENY, "default",
+          f"address {address} ({cls}) is blocked by network.block_private")
+
+
 @pytest.mark.parametrize("request_", [
     pytest.param(http("internal.test", addresses=ips("10.20.3.4")), id="allow_ranges IPv4"),
     pytest.param(http("internal.test", addresses=ips("fd00:20::1")), id="allow_ranges IPv6"),
@@ -480,23 +506,28 @@ def test_decide_is_pure(policy: CompiledPolicy) -> None:
 # --- probe: what egresslock check reports ------------------------------------------------------
 
 
-@pytest.mark.parametrize(("url", "method", "layer", "verdict", "rule_id"), [
+@pytest.mark.parametrize(("url", "method", "layer", "verdict", "rule_id", "inspect"), [
     pytest.param("https://api.github.com/repos/acme/x?page=2", "GET", Layer.HTTP, Verdict.ALLOW,
-                 "github-read", id="an inspected tunnel is decided inside"),
-    pytest.param("https://pypi.org/simple/", "POST", Layer.CONNECT, Verdict.ALLOW, "pypi",
+                 "github-read", True, id="an inspected tunnel is decided inside"),
+    pytest.param("https://strict.test/x", "POST", Layer.HTTP, Verdict.DENY,
+                 "deny-post-inspected", True,
+                 id="a request denied inside an inspected tunnel was inspected"),
+    pytest.param("https://pypi.org/simple/", "POST", Layer.CONNECT, Verdict.ALLOW, "pypi", False,
                  id="an uninspected tunnel is decided on host and port"),
-    pytest.param("http://plain.test/", "DELETE", Layer.HTTP, Verdict.DENY, "plain-read",
+    pytest.param("http://plain.test/", "DELETE", Layer.HTTP, Verdict.DENY, "plain-read", False,
                  id="plain HTTP is decided on the request"),
     pytest.param("https://gist.github.com/", "GET", Layer.CONNECT, Verdict.DENY, "no-gists",
-                 id="a denied tunnel stops at connect"),
+                 False, id="a denied tunnel stops at connect"),
     pytest.param("http://0xa9fea9fe/latest/meta-data/", "GET", Layer.HTTP, Verdict.DENY,
-                 "default", id="a metadata URL in hex"),
+                 "default", False, id="a metadata URL in hex"),
 ])
 def test_probe(policy: CompiledPolicy, url: str, method: str, layer: Layer, verdict: Verdict,
-               rule_id: str) -> None:
+               rule_id: str, inspect: bool) -> None:
     result = probe(policy, url, method)
     assert (result.layer, result.decision.verdict, result.decision.rule_id) == (
         layer, verdict, rule_id)
+    # Whether the proxy decrypts: the tunnel's answer, not the inner request's decision.
+    assert result.inspect is inspect
 
 
 def test_probe_checks_pinned_addresses(policy: CompiledPolicy) -> None:

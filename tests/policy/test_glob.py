@@ -77,6 +77,26 @@ def test_host_pattern_refused_says_what_would_be_valid(pattern: str, needle: str
     assert needle in str(info.value)
 
 
+_IDN_RULES = compile_policy(parse_policy("""
+version: 1
+rules:
+  - {id: idn, host: "тест.example.com", ports: [80]}
+  - {id: wild, host: "*.example.org", ports: [80]}
+"""))
+
+
+@pytest.mark.parametrize(("raw", "rule_id"), [
+    pytest.param("xn--e1aybc.example.com", "idn", id="A-label request, U-label rule"),
+    pytest.param("ТЕСТ.example.com.", "idn", id="upper-case U-label and trailing dot"),
+    pytest.param("тест.example.org", "wild", id="IDN subdomain of a wildcard"),
+    pytest.param("MORE.A.example.org.", "wild", id="deep subdomain, case and trailing dot"),
+])
+def test_host_pattern_matches_through_the_compiled_index(raw: str, rule_id: str) -> None:
+    # decide finds rules through a label index, not HostPattern.matches: the same facts hold.
+    d = decide(_IDN_RULES, Request(normalize_host(raw), 80, method="GET", path="/"))
+    assert (d.verdict, d.rule_id) == (Verdict.ALLOW, rule_id)
+
+
 # --- path patterns -----------------------------------------------------------------------------
 
 

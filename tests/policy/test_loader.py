@@ -84,9 +84,11 @@ BAD_POLICIES = [
     pytest.param(rule("    host: 'a b.example'\n"), 4, "rules[0].host",
                  ["'a b.example'", "' '", "no hostname may hold"], id="space in a host"),
     pytest.param(rule("    host: 'xn--zz.example'\n"), 4, "rules[0].host",
-                 ["'xn--zz'", "invalid Punycode"], id="bad punycode"),
+                 ["'xn--zz'", "invalid Punycode", "must be the A-label of a name IDNA 2008 "
+                  "accepts, like 'xn--e1aybc'"], id="bad punycode"),
     pytest.param(rule("    host: '\U0001f4a9.example'\n"), 4, "rules[0].host",
-                 ["cannot be written in Punycode"], id="a name that cannot be punycoded"),
+                 ["cannot be written in Punycode", "labels are a-z, 0-9, '-' and '_', or "
+                  "letters and digits IDNA 2008 accepts"], id="a name that cannot be punycoded"),
     pytest.param(rule("    host: 'http://a.example/'\n"), 4, "rules[0].host",
                  ["'/'", "no hostname may hold"], id="a URL instead of a host"),
     # --- duplicates ---

@@ -64,7 +64,9 @@ def test_idn_full_width_dots_attack_is_normalised(raw: str, expected: str) -> No
     pytest.param("a%62.com", "'%'", id="percent (hosts are never percent-decoded)"),
     pytest.param("a!b.com", "'!'", id="punctuation"),
     pytest.param("a\u00a0b.com", "' '", id="no-break space maps to space and is refused"),
-    pytest.param("xn--zz.com", "invalid Punycode label 'xn--zz'", id="bad punycode"),
+    pytest.param("xn--zz.com", "invalid Punycode label 'xn--zz' (Invalid A-label): a label "
+                 "beginning 'xn--' must be the A-label of a name IDNA 2008 accepts",
+                 id="bad punycode, saying what a valid A-label is"),
     pytest.param("xn--.com", "invalid Punycode label", id="empty punycode"),
     pytest.param("a" * 64 + ".com", "labels are 1-63 characters", id="a 64-byte label"),
     pytest.param(".".join(["a" * 63] * 4) + ".com", "DNS allows 253", id="a 259-byte host"),
@@ -73,7 +75,9 @@ def test_idn_full_width_dots_attack_is_normalised(raw: str, expected: str) -> No
     pytest.param("example.com..", "empty label", id="two trailing dots"),
     pytest.param("-a.com", "do not begin or end with '-'", id="a leading hyphen"),
     pytest.param("a-.com", "do not begin or end with '-'", id="a trailing hyphen"),
-    pytest.param("\U0001f4a9.com", "cannot be written in Punycode", id="an emoji label"),
+    pytest.param("\U0001f4a9.com", "cannot be written in Punycode (Codepoint U+1F4A9 at "
+                 "position 1 of '\U0001f4a9' not allowed): labels are a-z, 0-9, '-' and '_', or "
+                 "letters and digits IDNA 2008 accepts", id="an emoji label, saying what is valid"),
     pytest.param("a\u2024b.com", "cannot be mapped by UTS-46", id="one dot leader is not a dot"),
     pytest.param("example.123", "looks like an IPv4 address",
                  id="a numeric last label is never a name"),

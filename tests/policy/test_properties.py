@@ -20,6 +20,7 @@ from egresslock.errors import InputError
 from egresslock.policy import (
     Layer,
     Request,
+    Verdict,
     compile_policy,
     decide,
     normalize_host,
@@ -172,19 +173,39 @@ def test_every_ipv4_spelling_reaches_the_same_address(value: int) -> None:
 # --- wildcards ---------------------------------------------------------------------------------
 
 
+_SUFFIX_LABEL = st.text(alphabet=string.ascii_lowercase + string.digits, min_size=1, max_size=8)
+# The last label is letters, so no suffix is IPv4-shaped and every "*.suffix" loads.
+_SUFFIXES = st.builds(lambda labels, tld: ".".join([*labels, tld]),
+                      st.lists(_SUFFIX_LABEL, min_size=1, max_size=2),
+                      st.text(alphabet=string.ascii_lowercase, min_size=1, max_size=4))
+_SUBDOMAIN_LABELS = st.lists(st.one_of(_SUFFIX_LABEL, _IDN_LABEL), min_size=1,
+                             max_size=2).map(".".join)
+# Prepended to a suffix these give a subdomain (labels and a dot or a look-alike dot), a longer
+# label that merely ends like the suffix ("ax", "a-"), or the apex: what a match must tell apart.
+_BEFORE_SUFFIX = st.one_of(
+    st.builds(lambda labels, dot: labels + dot, _SUBDOMAIN_LABELS,
+              st.sampled_from([".", "\u3002", "\uff0e"])),
+    st.builds(lambda labels, joint: labels + joint, _SUBDOMAIN_LABELS,
+              st.sampled_from(["", "x", "-"])),
+    st.just(""),
+)
+
+
 @SETTINGS
-@given(st.lists(_LABEL, min_size=2, max_size=3).map(".".join), HOSTS)
-def test_a_host_matching_a_wildcard_ends_in_its_suffix(suffix: str, raw: str) -> None:
-    try:
-        pattern = parse_host_pattern("*." + suffix)
-    except InputError:
-        assume(False)
-        return
-    assert pattern.suffix is not None
-    host = _result(normalize_host, raw)
-    if isinstance(host, str) and pattern.matches(host):
-        assert host.endswith("." + pattern.suffix)
-        assert host != pattern.suffix
+@given(_SUFFIXES, st.one_of(_BEFORE_SUFFIX, HOSTS))
+def test_a_host_matching_a_wildcard_ends_in_its_suffix(suffix: str, before: str) -> None:
+    """Matched as the proxy matches, through the compiled label index and ``decide``: a rule for
+    ``*.suffix`` finds and allows exactly the hosts that end in ``.suffix`` once normalised."""
+    policy = compile_policy(parse_policy(
+        f"version: 1\nrules:\n  - {{id: w, host: '*.{suffix}', ports: [80]}}\n"))
+    for raw in (before + suffix, before):
+        host = _result(normalize_host, raw)
+        if not isinstance(host, str):
+            continue
+        subdomain = host.endswith("." + suffix)
+        assert bool(policy.index.lookup(host)) is subdomain, host
+        verdict = decide(policy, Request(host, 80, method="GET", path="/")).verdict
+        assert (verdict is Verdict.ALLOW) is subdomain, host
 
 
 @SETTINGS

@@ -11,7 +11,7 @@ import click
 from egresslock.errors import InputError, PolicyError
 
 if TYPE_CHECKING:
-    from egresslock.policy import CompiledPolicy, Decision
+    from egresslock.policy import CompiledPolicy, Decision, Layer
     from egresslock.policy.probe import Probe
 
 
@@ -42,12 +42,17 @@ def check(ctx: click.Context, policy_file: Path, method: str, headers: tuple[str
           body_file: Path | None, resolve: tuple[str, ...], as_json: bool, url: str) -> None:
     """Print what the policy decides for a request to URL, as the proxy would decide it.
 
-    Exit 0 when allowed, 1 when denied, 2 for a bad policy or bad usage. For an https URL the
-    tunnel is decided first; if its rule inspects, the request inside is decided too. Then the
-    content checks run as in the proxy: secrets in any encoding in the name, URL, headers and
-    --body-file, dynamic links, and what the rule's transforms would change.
+    Exit 0 when allowed, 1 when denied, 2 for a bad policy or bad usage. A URL the proxy would
+    refuse as ambiguous or malformed (userinfo, a scheme other than http or https, a dot
+    segment, a backslash) is a deny by rule default, exit 1, as in the proxy: not bad usage.
+
+    For an https URL the tunnel is decided first; if its rule inspects, the request inside is
+    decided too. Then the content checks run as in the proxy: secrets in any encoding in the
+    name, URL, headers and --body-file, dynamic links, and what the rule's transforms would
+    change.
     """
     from egresslock.policy import compile_policy, load_policy
+    from egresslock.policy.decide import DEFAULT_RULE, Decision, Layer, Verdict
     from egresslock.policy.probe import probe
 
     try:
@@ -70,32 +75,38 @@ def check(ctx: click.Context, policy_file: Path, method: str, headers: tuple[str
         result = probe(compiled, url, method.upper(), tuple(header_names), body_size,
                        _parse_resolve(resolve))
     except InputError as exc:
-        if as_json:
-            click.echo(json.dumps({"verdict": "deny", "rule_id": "default",
-                                   "reason": f"refused as ambiguous: {exc}", "url": url}))
-        else:
-            click.echo(f"DENY  {method.upper()} {url}\nrule:   default\nreason: refused as "
-                       f"ambiguous: {exc}")
+        # The proxy parses a URL as a forward proxy receives it (layer http) and answers 403
+        # with this reason before any rule is asked (proxy/forward.py): so a deny, not a usage
+        # error, and printed in the shape of every other decision.
+        refused = Decision(Verdict.DENY, DEFAULT_RULE, f"refused as ambiguous: {exc}")
+        _echo(as_json, refused, Layer.HTTP, False, url, method.upper(),
+              ["no rule was asked: the proxy refuses this URL before deciding"])
         ctx.exit(1)
     d = result.decision
     changes: list[str] = []
     if d.allowed:
         d, changes = _content(compiled, result, header_pairs, body_file)
     result.notes.extend(f"would change: {c}" for c in changes)
+    _echo(as_json, d, result.layer, result.inspect, str(result.url), method.upper(),
+          result.notes)
+    ctx.exit(0 if d.allowed else 1)
+
+
+def _echo(as_json: bool, d: Decision, layer: Layer, inspect: bool, url: str, method: str,
+          notes: list[str]) -> None:
+    """Print one decision; every path of check prints through here, so JSON has one shape."""
     if as_json:
         click.echo(json.dumps({
             "verdict": d.verdict.value, "rule_id": d.rule_id, "reason": d.reason,
-            "layer": result.layer.value, "inspect": d.inspect, "url": str(result.url),
-            "method": method.upper(), "notes": result.notes,
+            "layer": layer.value, "inspect": inspect, "url": url, "method": method,
+            "notes": notes,
         }, indent=2))
-    else:
-        color = {"allow": "green", "deny": "red", "report": "yellow"}[d.verdict.value]
-        click.echo(click.style(d.verdict.value.upper(), fg=color, bold=True)
-                   + f"  {method.upper()} {result.url}")
-        click.echo(f"rule:   {d.rule_id}\nreason: {d.reason}\nlayer:  {result.layer.value}")
-        for note in result.notes:
-            click.echo(f"note:   {note}")
-    ctx.exit(0 if d.allowed else 1)
+        return
+    color = {"allow": "green", "deny": "red", "report": "yellow"}[d.verdict.value]
+    click.echo(click.style(d.verdict.value.upper(), fg=color, bold=True) + f"  {method} {url}")
+    click.echo(f"rule:   {d.rule_id}\nreason: {d.reason}\nlayer:  {layer.value}")
+    for note in notes:
+        click.echo(f"note:   {note}")
 
 
 def _content(compiled: CompiledPolicy, result: Probe, headers: list[tuple[bytes, bytes]],

@@ -31,6 +31,11 @@ _DOT_LOOKALIKES = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
 # some bucket names) and harmless to matching, so it is accepted.
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 _MAX_HOST = 253
+# What a label could be instead, for the two refusals of IDNA 2008 (RFC 5891, 5892): an A-label
+# that does not decode, and a U-label with a code point IDNA does not allow.
+_A_LABEL_HINT = "the A-label of a name IDNA 2008 accepts, like 'xn--e1aybc' for 'тест'"
+_U_LABEL_HINT = ("labels are a-z, 0-9, '-' and '_', or letters and digits IDNA 2008 accepts "
+                 "after UTS-46 mapping, like 'тест'; symbols and emoji are not")
 # Delimiters of URLs: a host holding one was cut from its URL wrongly, or is an attack on a parser.
 _NEVER_IN_HOST = frozenset("/\\@?#")
 _IPV4_NUMBER = re.compile(r"^(?:0[xX][0-9a-fA-F]*|[0-9]+)$")
@@ -166,7 +171,10 @@ def _normalize_label(label: str, raw: str) -> str:
             try:
                 idna.decode(label)
             except idna.IDNAError as exc:
-                raise InputError(f"host {raw!r} has an invalid Punycode label {label!r}") from exc
+                raise InputError(
+                    f"host {raw!r} has an invalid Punycode label {label!r} ({exc}): a label "
+                    f"beginning 'xn--' must be {_A_LABEL_HINT}"
+                ) from exc
         elif not _LABEL.match(label):
             bad = next((c for c in label if not (c.isalnum() or c in "-_")), None)
             if bad is not None:
@@ -180,7 +188,8 @@ def _normalize_label(label: str, raw: str) -> str:
         return idna.alabel(label).decode("ascii")
     except idna.IDNAError as exc:
         raise InputError(
-            f"host {raw!r}: label {label!r} cannot be written in Punycode: {exc}"
+            f"host {raw!r}: label {label!r} cannot be written in Punycode ({exc}): "
+            f"{_U_LABEL_HINT}"
         ) from exc
 
 

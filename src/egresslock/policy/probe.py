@@ -24,12 +24,19 @@ from egresslock.policy.normalize import (
 
 @dataclass(frozen=True, slots=True)
 class Probe:
-    """The decision for a URL, the layer that made it, and notes on what was not seen."""
+    """The decision for a URL, the layer that made it, and notes on what was not seen.
+
+    ``inspect`` says whether the proxy would decrypt the request: true when the tunnel's rule
+    inspects, however the request inside is then decided; false for plain HTTP and for a tunnel
+    relayed unread. ``decision.inspect`` cannot say it: the request inside an inspected tunnel
+    is decided at layer http, where there is no tunnel left to inspect.
+    """
 
     url: URL
     decision: Decision
     layer: Layer
     notes: list[str] = field(default_factory=list)
+    inspect: bool = False
 
 
 def probe(
@@ -60,5 +67,5 @@ def probe(
         if tunnel.allowed:
             notes.append("tunnel is not inspected: method, path, query and body are not seen")
         return Probe(url, tunnel, Layer.CONNECT, notes)
-    return Probe(url, decide(policy, full), Layer.HTTP, notes)
+    return Probe(url, decide(policy, full), Layer.HTTP, notes, inspect=True)
 
