@@ -228,6 +228,11 @@ class ContentPolicy:
                                        [] if body_size is not None else entries, prepared)
         return prepared
 
+    def repeatable(self, rule_id: str) -> bool:
+        """Whether :meth:`prepare` under ``rule_id`` has no effect, so that the same request
+        always gets the same answer: no budget to charge, and enforce mode."""
+        return not self.report_only and not self._meters(rule_id)
+
     def _meters(self, rule_id: str) -> list[Meter]:
         rule = self.rules.get(rule_id)
         meters = [rule.meter] if rule is not None and rule.meter is not None else []

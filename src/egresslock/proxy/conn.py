@@ -26,6 +26,7 @@ import errno
 import os
 import socket
 import struct
+from collections.abc import Callable
 
 from egresslock.fdwait import wait_fd
 from egresslock.proxy.http1 import ProtocolError
@@ -41,7 +42,7 @@ class Conn:
     """A connected non-blocking socket with a read buffer."""
 
     __slots__ = ("_reading", "_timer", "_timer_at", "_wait_deadline", "_waiter", "buf", "closed",
-                 "linger", "loop", "sock")
+                 "handler", "linger", "loop", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -58,6 +59,9 @@ class Conn:
         self._waiter: asyncio.Future[None] | None = None
         self._wait_deadline: float | None = None
         self._reading = -1  # the fd registered with the loop for reading, or -1
+        # Called (instead of waking a wait) when the socket is readable: set by the fast lane
+        # while it awaits a response here; the socket stays registered between its requests.
+        self.handler: Callable[[], None] | None = None
 
     async def fill(self, deadline: float | None = None) -> bool:
         """Read what is available into the buffer; False at end of stream.
@@ -89,10 +93,7 @@ class Conn:
                     timer.cancel()
                 self._timer = loop.call_at(deadline, self._on_timer)
                 self._timer_at = deadline
-        if self._reading < 0:
-            fd = self.sock.fileno()
-            loop.add_reader(fd, self._on_readable)
-            self._reading = fd
+        self.start_reading()
         fut: asyncio.Future[None] = loop.create_future()
         self._waiter, self._wait_deadline = fut, deadline
         try:
@@ -110,9 +111,19 @@ class Conn:
     def _on_readable(self) -> None:
         waiter = self._waiter
         if waiter is None:
-            self.stop_reading()  # else level-triggered epoll reports it at every turn of the loop
+            if self.handler is not None:
+                self.handler()
+            else:
+                self.stop_reading()  # else level-triggered epoll reports it at every turn
         elif not waiter.done():
             waiter.set_result(None)
+
+    def start_reading(self) -> None:
+        """Register the socket with the loop, for :attr:`handler` (a no-op when it is)."""
+        if self._reading < 0:
+            fd = self.sock.fileno()
+            self.loop.add_reader(fd, self._on_readable)
+            self._reading = fd
 
     def stop_reading(self) -> None:
         """Unregister the socket from the loop: before anything else waits on it or closes it."""

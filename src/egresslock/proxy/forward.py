@@ -175,9 +175,8 @@ def prepare_content(ctx: ProxyContext, decision: Decision, url: URL, head: Reque
     return prepared
 
 
-async def resolve_and_decide(ctx: ProxyContext, request: Request, keep_alive: bool
-                             ) -> tuple[Decision, tuple[IPAddress, ...]]:
-    """Decide without addresses, then resolve (only if allowed) and decide on every address."""
+def decide_name(ctx: ProxyContext, request: Request, keep_alive: bool) -> Decision:
+    """Decide a request before its name is resolved; raises :class:`Refused` when denied."""
     decision = ctx.decide(request)
     if not decision.allowed:
         raise denied(decision, keep_alive)
@@ -185,14 +184,27 @@ async def resolve_and_decide(ctx: ProxyContext, request: Request, keep_alive: bo
     why = ctx.content.check_name(request.host, decision.rule_id)
     if why is not None:
         raise content_refused(decision.rule_id, why, keep_alive)
+    return decision
+
+
+def decide_addresses(ctx: ProxyContext, request: Request, addresses: tuple[IPAddress, ...],
+                     keep_alive: bool) -> Decision:
+    """Decide a request again on every address its name resolved to."""
+    decision = ctx.decide(request.with_addresses(addresses))
+    if not decision.allowed:
+        raise denied(decision, keep_alive)
+    return decision
+
+
+async def resolve_and_decide(ctx: ProxyContext, request: Request, keep_alive: bool
+                             ) -> tuple[Decision, tuple[IPAddress, ...]]:
+    """Decide without addresses, then resolve (only if allowed) and decide on every address."""
+    decision = decide_name(ctx, request, keep_alive)
     try:
         addresses = await ctx.resolver.resolve(request.host, request.port)
     except ResolveError as exc:
         raise upstream_failed(502, decision, str(exc)) from exc
-    decision = ctx.decide(request.with_addresses(addresses))
-    if not decision.allowed:
-        raise denied(decision, keep_alive)
-    return decision, addresses
+    return decide_addresses(ctx, request, addresses, keep_alive), addresses
 
 
 async def dial(ctx: ProxyContext, addresses: tuple[IPAddress, ...], port: int,
@@ -216,12 +228,19 @@ async def dial(ctx: ProxyContext, addresses: tuple[IPAddress, ...], port: int,
     raise upstream_failed(504 if timed_out else 502, decision, last or "no address to connect to")
 
 
-async def handle_request(ctx: ProxyContext, head: RequestHead, client: Conn,
-                         ex: Exchange) -> tuple[bool, Decision]:
-    """Forward one absolute-form request. Returns (keep the client connection, decision).
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A request whose form, URL and Host header passed, not yet decided."""
 
-    Raises :class:`Refused` when the request ends in a response the proxy writes itself.
-    """
+    url: URL
+    framing: Framing
+    request: Request
+    keep_alive: bool  # whether the client connection may carry another request if refused
+
+
+def check_request(head: RequestHead, ex: Exchange) -> Checked:
+    """The checks of an absolute-form request that need neither policy nor network: form,
+    framing, the URL (refused when ambiguous) and the Host header. Raises :class:`Refused`."""
     if head.target.startswith("/"):
         raise bad_request("egresslock is a forward proxy: send absolute-form requests "
                           "(GET http://host/path); use CONNECT for https")
@@ -239,12 +258,33 @@ async def handle_request(ctx: ProxyContext, head: RequestHead, client: Conn,
     if url.scheme != "http":
         raise bad_request(f"absolute-form {url.scheme}:// is not forwarded; use CONNECT")
     check_host_header(head, url)
-    request = request_for(head, url, framing, ())
-    decision, addresses = await resolve_and_decide(ctx, request, keep_alive)
-    ex.prepared = prepare_content(ctx, decision, url, head, framing, keep_alive)
+    return Checked(url, framing, request_for(head, url, framing, ()), keep_alive)
+
+
+async def handle_request(ctx: ProxyContext, head: RequestHead, client: Conn,
+                         ex: Exchange) -> tuple[bool, Decision]:
+    """Forward one absolute-form request. Returns (keep the client connection, decision).
+
+    Raises :class:`Refused` when the request ends in a response the proxy writes itself.
+    """
+    checked = check_request(head, ex)
+    decision, addresses = await resolve_and_decide(ctx, checked.request, checked.keep_alive)
+    ex.prepared = prepare_content(ctx, decision, checked.url, head, checked.framing,
+                                  checked.keep_alive)
+    return await forward_admitted(ctx, head, client, ex, checked, decision, addresses)
+
+
+async def forward_admitted(ctx: ProxyContext, head: RequestHead, client: Conn, ex: Exchange,
+                           checked: Checked, decision: Decision,
+                           addresses: tuple[IPAddress, ...], fresh: bool = False
+                           ) -> tuple[bool, Decision]:
+    """Forward a request that was decided and whose content checks ran (``ex.prepared``):
+    over a pooled upstream connection, and once more over a fresh one if the pooled one turns
+    out to be closed; only over a fresh one with ``fresh``."""
+    url, framing = checked.url, checked.framing
     if (head.get(b"expect") or b"").lower() == b"100-continue" and framing.kind != "none":
         await client.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-    for attempt in (1, 2):
+    for attempt in (2,) if fresh else (1, 2):
         upstream, address, reused = await _upstream(ctx, addresses, url.port, decision,
                                                     fresh=attempt == 2)
         ex.address = address
@@ -276,7 +316,7 @@ async def _upstream(ctx: ProxyContext, addresses: tuple[IPAddress, ...], port: i
     return conn, dialled, False
 
 
-def _upstream_head(head: RequestHead, url: URL, framing: Framing,
+def upstream_head(head: RequestHead, url: URL, framing: Framing,
                    prepared: Prepared | None) -> bytes:
     """The request head sent upstream: rebuilt from the checked URL (and what the content
     transforms made of target and headers), never copied from the client."""
@@ -383,7 +423,7 @@ async def exchange(ctx: ProxyContext, head: RequestHead, url: URL, framing: Fram
         whole = await _send_body(ctx, client, None, framing, decision, ex)
         framing = dataclasses.replace(framing, kind="length", length=len(whole))
     try:
-        await upstream.send(_upstream_head(head, url, framing, prepared) + whole)
+        await upstream.send(upstream_head(head, url, framing, prepared) + whole)
     except OSError as exc:
         if retryable:
             raise _Stale from exc
@@ -391,6 +431,15 @@ async def exchange(ctx: ProxyContext, head: RequestHead, url: URL, framing: Fram
     if not whole:
         await _send_body(ctx, client, upstream, framing, decision, ex)
     resp = await _final_response_head(ctx, upstream, decision, ex, retryable)
+    return await respond(ctx, head, url, decision, client, upstream, ex, resp, pool)
+
+
+async def respond(ctx: ProxyContext, head: RequestHead, url: URL, decision: Decision,
+                  client: Conn, upstream: Conn, ex: Exchange, resp: ResponseHead,
+                  pool: bool = True) -> bool:
+    """Relay the response whose final head ``resp`` was read from ``upstream``. True when both
+    sides may carry another request; ``pool`` returns the upstream connection to the pool."""
+    prepared = ex.prepared
     if resp.status < 400:  # data reached the agent: a reads rule raises the session's mark
         ctx.flow_read(decision.rule_id, f"{head.method} {url.host}{url.path}")
     if resp.status == 101:
@@ -407,18 +456,9 @@ async def exchange(ctx: ProxyContext, head: RequestHead, url: URL, framing: Fram
         return False
     rframing = response_framing(resp, head.method)
     keep = resp.keep_alive and rframing.kind != "close"
-    headers = strip_hop_by_hop(resp.headers)
-    if rframing.kind == "chunked":
-        headers.append((b"Transfer-Encoding", b"chunked"))
-    if not keep or not head.keep_alive:
-        headers.append((b"Connection", b"close"))
     ex.status = resp.status
     redact = prepared.redact if prepared is not None else ()
-    if redact:
-        headers = [(n, _redact_all(redact, v)) for n, v in headers]
-    out = _Out(client, b"HTTP/1.1 %d %s\r\n%s\r\n" % (resp.status, resp.reason,
-                                                       serialize_headers(headers)),
-               redact)
+    out = _Out(client, response_head(resp, rframing, keep and head.keep_alive, redact), redact)
     try:
         complete = await _relay_response(ctx, upstream, out, rframing, ex)
     finally:
@@ -429,6 +469,21 @@ async def exchange(ctx: ProxyContext, head: RequestHead, url: URL, framing: Fram
     else:
         upstream.close()
     return keep and complete
+
+
+def response_head(resp: ResponseHead, framing: Framing, keep: bool,
+                  redact: tuple[Binding, ...] = ()) -> bytes:
+    """The head the client gets for ``resp``: hop-by-hop headers dropped, the framing the
+    proxy relays with, ``Connection: close`` unless both sides stay open (``keep``), and
+    values that hold a real credential redacted."""
+    headers = strip_hop_by_hop(resp.headers)
+    if framing.kind == "chunked":
+        headers.append((b"Transfer-Encoding", b"chunked"))
+    if not keep:
+        headers.append((b"Connection", b"close"))
+    if redact:
+        headers = [(n, _redact_all(redact, v)) for n, v in headers]
+    return b"HTTP/1.1 %d %s\r\n%s\r\n" % (resp.status, resp.reason, serialize_headers(headers))
 
 
 async def _final_response_head(ctx: ProxyContext, upstream: Conn, decision: Decision,

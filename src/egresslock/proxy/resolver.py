@@ -31,14 +31,19 @@ class Resolver:
             for host, addrs in (pins or {}).items()
         }
 
-    async def resolve(self, host: str, port: int) -> tuple[IPAddress, ...]:
-        """Addresses for a normalised host; an IP literal resolves to itself."""
+    def known(self, host: str) -> tuple[IPAddress, ...] | None:
+        """The addresses of a normalised host that need no lookup (an IP literal is itself, a
+        pinned name its pins), or None when only :meth:`resolve` can say."""
         literal = parse_ip_literal(host) if (":" in host or host[-1:].isdigit()) else None
         if literal is not None:
             return (literal,)
-        pinned = self._pins.get(host)
-        if pinned is not None:
-            return pinned
+        return self._pins.get(host)
+
+    async def resolve(self, host: str, port: int) -> tuple[IPAddress, ...]:
+        """Addresses for a normalised host; an IP literal resolves to itself."""
+        known = self.known(host)
+        if known is not None:
+            return known
         try:
             return await asyncio.wait_for(self.lookup(host, port), self.timeout)
         except TimeoutError as exc:
