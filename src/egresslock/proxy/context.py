@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     # Loaded only when used: cryptography and prometheus_client cost a wrapped tool call
     # (egresslock run) tens of milliseconds of start-up it mostly does not need.
     from egresslock.proxy.ca import LeafMinter
+    from egresslock.proxy.lane import HeadMemo
     from egresslock.proxy.metrics import ProxyMetrics
 
 
@@ -175,13 +176,15 @@ class ProxyContext:
     _mark: SessionMark | None = None
     # Whose requests this context decides: "agent", or "courier" for the courier's worker.
     origin: str = "agent"
+    # The fast lane's answers for heads it has seen (see egresslock.proxy.lane), per origin.
+    head_memo: HeadMemo | None = None
 
     def for_origin(self, origin: str) -> ProxyContext:
         """This context for another origin's sockets: the same policy, log, pool and mark."""
         from dataclasses import replace
 
         self.mark  # noqa: B018  made now, so that both contexts hold the same one
-        return replace(self, origin=origin)
+        return replace(self, origin=origin, head_memo=None)
 
     @property
     def upstream_tls(self) -> ssl.SSLContext:

@@ -13,12 +13,12 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from egresslock.audit import AuditRecord
 from egresslock.errors import InputError, ProxyError
-from egresslock.policy import normalize_host
+from egresslock.policy import Decision, normalize_host
 from egresslock.policy.normalize import split_authority
 from egresslock.proxy.actions import ActionHandler, action_path, serve_action
 from egresslock.proxy.conn import Conn, HeadTooLarge
@@ -37,6 +37,7 @@ from egresslock.proxy.http1 import (
     parse_request_head,
     simple_response,
 )
+from egresslock.proxy.lane import Lane, Slow
 from egresslock.proxy.transparent import (
     Destination,
     NamesFor,
@@ -155,9 +156,7 @@ class ProxyServer:
             if transparent:
                 await self._transparent(client)
             else:
-                first = True
-                while await self._one_request(client, first):
-                    first = False
+                await self._serve(client)
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -167,6 +166,23 @@ class ProxyServer:
                 ctx.active_connections -= 1
                 if ctx.metrics is not None:
                     ctx.metrics.connections.dec()
+
+    async def _serve(self, client: Conn) -> None:
+        """A forward-proxy client: its first request on the coroutine path (which dials the
+        upstream the next ones find pooled), then the fast lane, which hands back what it
+        does not serve itself (see :mod:`egresslock.proxy.lane`)."""
+        if not await self._one_request(client, True):
+            return
+        action_port = client.sock.getsockname()[1] if self.actions is not None else None
+        lane = Lane(self.ctx, client,
+                    lambda head, ex, work: self._settle(head, client, ex, work), action_port)
+        while True:
+            step = await lane.next()
+            if step is None:
+                return
+            if not await (self._one_request(client, False) if isinstance(step, Slow)
+                          else step):
+                return
 
     async def _read_head(self, client: Conn, first: bool) -> bytes | None:
         """The next head; None when the client is done. Answers 408/431/400 itself."""
@@ -302,8 +318,14 @@ class ProxyServer:
 
     async def _forward(self, head: RequestHead, client: Conn) -> bool:
         ex = Exchange()
+        return await self._settle(head, client, ex, handle_request(self.ctx, head, client, ex))
+
+    async def _settle(self, head: RequestHead, client: Conn, ex: Exchange,
+                      work: Awaitable[tuple[bool, Decision]]) -> bool:
+        """Await the forwarding of one request, write the answer of a refusal or failure, and
+        log its one audit row; True when the client connection may carry another request."""
         try:
-            keep, decision = await handle_request(self.ctx, head, client, ex)
+            keep, decision = await work
         except Refused as r:
             await self._write(client, r.response)
             self.ctx.log(audit_row(ex, head, "http", r.verdict, r.rule_id, r.reason))
