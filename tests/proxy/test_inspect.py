@@ -16,6 +16,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 import pytest
@@ -141,6 +142,64 @@ def test_tunnel_stays_usable_after_a_deny(inspecting: tuple[RunningProxy, Path, 
         r = s.put(f"{base}/upload/s", data=(b"z" * 100 for _ in range(20)), **kw)  # type: ignore[arg-type]
         assert r.status_code == 403
         assert "chunked upload stopped" in r.headers["X-Egresslock-Deny"]
+
+
+def _tunnel(proxy: RunningProxy, ca: Path, port: int) -> ssl.SSLSocket:
+    """A TLS connection to secure.test through an inspected CONNECT tunnel."""
+    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    raw.sendall(b"CONNECT secure.test:%d HTTP/1.1\r\nHost: secure.test:%d\r\n\r\n"
+                % (port, port))
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        reply += raw.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 200")
+    return ssl.create_default_context(cafile=str(ca)).wrap_socket(raw,
+                                                                  server_hostname="secure.test")
+
+
+def _response(f: BinaryIO) -> tuple[int, dict[bytes, bytes], bytes]:
+    """Status, headers (lower-case names) and Content-Length body of one response."""
+    line = f.readline()
+    assert line, "the tunnel closed"
+    headers = {}
+    while (h := f.readline()) not in (b"\r\n", b""):
+        name, _, value = h.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    return int(line.split()[1]), headers, f.read(int(headers.get(b"content-length", b"0")))
+
+
+def test_a_denied_request_with_a_body_leaves_the_tunnel_usable(
+        inspecting: tuple[RunningProxy, Path, int], upstreams: Upstreams) -> None:
+    proxy, ca, _ = inspecting
+    port = upstreams.tls.port
+    host = b"Host: secure.test:%d\r\n" % port
+    get = b"GET /echo/after HTTP/1.1\r\n" + host + b"\r\n"
+    with _tunnel(proxy, ca, port) as s:
+        f = s.makefile("rb")
+        # POST is not allowed under /echo: refused, its 5 body bytes read and dropped.
+        s.sendall(b"POST /echo/a HTTP/1.1\r\n" + host + b"Content-Length: 5\r\n\r\nhello" + get)
+        status, headers, _ = _response(f)
+        assert status == 403
+        assert b"close" not in headers.get(b"connection", b"")
+        assert _response(f)[0] == 200
+        # The same with a chunked body, and the next request in the same packet.
+        s.sendall(b"POST /echo/b HTTP/1.1\r\n" + host + b"Transfer-Encoding: chunked\r\n\r\n"
+                  b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n" + get)
+        assert _response(f)[0] == 403
+        status, _, body = _response(f)
+        assert status == 200
+        assert json.loads(body)["path"] == "/echo/after"
+        # A body past what the proxy reads to keep the tunnel: the 403 says close, and it does.
+        s.sendall(b"POST /echo/c HTTP/1.1\r\n" + host + b"Content-Length: 100000\r\n\r\n")
+        status, headers, _ = _response(f)
+        assert status == 403
+        assert headers[b"connection"] == b"close"
+        assert f.read() == b""
+    rows = proxy.rows()
+    posts = [r for r in rows
+             if r.get("method") == "POST" and str(r.get("path")).startswith("/echo/")]
+    assert [(r["path"], r["verdict"]) for r in posts] == [
+        ("/echo/a", "deny"), ("/echo/b", "deny"), ("/echo/c", "deny")]
 
 
 def test_refusal_inside_tunnel_reaches_a_client_still_uploading(

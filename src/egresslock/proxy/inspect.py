@@ -4,8 +4,10 @@ The client's TLS ends at the proxy with a leaf minted for the CONNECT host; the 
 own TLS to the checked upstream address with full verification. Each request inside is decided
 like a plain-HTTP one (method, normalised path, query, body size) and must name the CONNECT host
 in Host, so one tunnel cannot carry requests for another host (domain fronting, DESIGN.md rule
-2). A denied request gets a 403 inside the tunnel, which stays usable for the next request
-unless the denied request carried a body the proxy did not read.
+2). A denied request gets a 403 inside the tunnel, which stays usable for the next request: a
+body the denied request carried is read and discarded first, up to :data:`DISCARD_LIMIT` bytes.
+A larger body (or one the client holds back for ``Expect: 100-continue``) is not waited for: the
+403 closes the tunnel, since the client's next bytes would be the rest of that body.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from egresslock.proxy.forward import (
     upstream_failed,
 )
 from egresslock.proxy.http1 import (
+    ChunkedDecoder,
+    Framing,
     ProtocolError,
     RequestHead,
     deny_response,
@@ -40,6 +44,9 @@ from egresslock.proxy.http1 import (
     simple_response,
 )
 from egresslock.proxy.tlsconn import TLSConn, TLSError
+
+# The most body bytes of a denied request the tunnel reads and drops to stay usable.
+DISCARD_LIMIT = 64 * 1024
 
 
 async def inspect_tunnel(ctx: ProxyContext, client: Conn, upstream: Conn, host: str, port: int,
@@ -71,9 +78,12 @@ async def inspect_tunnel(ctx: ProxyContext, client: Conn, upstream: Conn, host: 
                 keep, decision = await _one(ctx, head, client_tls, state, host, port, addresses,
                                             ex)
             except Refused as r:
-                await client_tls.send(r.response)
+                kept = r.keep_alive and head is not None and await _discard_body(
+                    ctx, client_tls, request_framing(head))
+                await client_tls.send(r.response if kept or not r.keep_alive
+                                      else _closing(r.response))
                 log(audit_row(ex, head, "http", r.verdict, r.rule_id, r.reason))
-                if not r.keep_alive:
+                if not kept:
                     client_tls.linger = True
                     return totals[0], totals[1]
                 continue
@@ -131,7 +141,7 @@ async def _one(ctx: ProxyContext, head: RequestHead, client: TLSConn, upstream: 
                host: str, port: int, addresses: tuple[IPAddress, ...], ex: Exchange
                ) -> tuple[bool, Decision]:
     framing = request_framing(head)
-    keep_alive = head.keep_alive and framing.kind == "none"
+    keep_alive = head.keep_alive and _discardable(head, framing)
     authority = join_authority(host)
     target = head.target
     if not target.startswith("/"):
@@ -169,3 +179,47 @@ async def _one(ctx: ProxyContext, head: RequestHead, client: TLSConn, upstream: 
     if not keep:
         tls.close()
     return keep and head.keep_alive, decision
+
+
+def _discardable(head: RequestHead, framing: Framing) -> bool:
+    """Whether a refusal of this request can leave the tunnel usable: the body the client sends
+    along is small enough to read and drop (a chunked one is judged as it arrives)."""
+    if framing.kind == "none":
+        return True
+    if (head.get(b"expect") or b"").lower() == b"100-continue":
+        return False  # the client waits for a 100 that a refusal never sends
+    return framing.kind == "chunked" or framing.length <= DISCARD_LIMIT
+
+
+async def _discard_body(ctx: ProxyContext, client: TLSConn, framing: Framing) -> bool:
+    """Read and drop a refused request's body; False when it was over :data:`DISCARD_LIMIT`,
+    malformed, or too slow to arrive, and the tunnel must close instead."""
+    if framing.kind == "none":
+        return True
+    timeout = ctx.limits.body_timeout
+    try:
+        if framing.kind == "length":  # _discardable checked the length against the limit
+            remaining = framing.length
+            while remaining:
+                data = await client.read_some(remaining, client.loop.time() + timeout)
+                if not data:
+                    return False
+                remaining -= len(data)
+            return True
+        decoder, read = ChunkedDecoder(), 0
+        while not decoder.done:
+            data = await client.read_some(DISCARD_LIMIT, client.loop.time() + timeout)
+            read += len(data)
+            if not data or read > DISCARD_LIMIT:
+                return False
+            decoder.feed(data)
+        client.buf[:0] = decoder.leftover()  # the next request's first bytes
+    except (ProtocolError, TimeoutError, OSError):
+        return False
+    return True
+
+
+def _closing(response: bytes) -> bytes:
+    """A keep-alive refusal turned into one that closes (its body could not be discarded)."""
+    head, sep, body = response.partition(b"\r\n\r\n")
+    return head + b"\r\nConnection: close" + sep + body
