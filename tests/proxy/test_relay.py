@@ -213,3 +213,44 @@ def test_cancelling_the_relay_unregisters_its_sockets(loop_kind: str, splice: bo
         return "ok"
 
     assert run(loop_kind, cancel_then_reuse()) == "ok"
+
+
+@pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux-only")
+@pytest.mark.parametrize(("size", "spliced"), [(4096, False), (4 * 1024 * 1024 + 5, True)])
+def test_a_direction_takes_a_pipe_only_once_it_carries_volume(
+        loop_kind: str, size: int, spliced: bool, monkeypatch: pytest.MonkeyPatch,
+        sockets: tuple[socket.socket, socket.socket, socket.socket, socket.socket]) -> None:
+    """A short exchange is copied (no pipe to set up); a long one moves to splice after
+    SPLICE_AFTER bytes, without losing or reordering a byte at the switch."""
+    import egresslock.proxy.relay as relay_module
+
+    calls = []
+    real_splice = os.splice
+
+    def counting_splice(*args: int, **kwargs: int) -> int:
+        calls.append(args)
+        return real_splice(*args, **kwargs)
+
+    monkeypatch.setattr(relay_module.os, "splice", counting_splice)
+    client_app, client_side, upstream_side, upstream_app = sockets
+    data = os.urandom(size)
+    got: dict[str, bytes] = {}
+
+    def client() -> None:
+        client_app.sendall(data)
+        client_app.shutdown(socket.SHUT_WR)
+        got["client"] = read_all(client_app)
+
+    def upstream() -> None:
+        got["upstream"] = read_all(upstream_app)
+        upstream_app.shutdown(socket.SHUT_WR)
+
+    threads = [in_thread(client), in_thread(upstream)]
+    stats = RelayStats()
+    ended = run(loop_kind, relay(client_side, upstream_side, stats, 10.0, use_splice=True))
+    for t in threads:
+        t.join(10)
+    assert ended == "closed"
+    assert got["upstream"] == data
+    assert stats.bytes_up == size
+    assert bool(calls) is spliced

@@ -1,10 +1,13 @@
 """Relaying an allowed tunnel's bytes, with the kernel doing the copying where it can.
 
-On Linux each direction moves socket → pipe → socket with ``splice(2)``, so payload bytes never
-enter Python: measured on this project's machines at about a third of the CPU per GiB of a
-Python-level copy loop. Elsewhere (or when ``splice`` is refused) a portable copy through a
-buffer does the same job. Both count bytes for the audit log and end the tunnel when both
-directions are closed or when it has been idle for ``idle_timeout`` seconds.
+On Linux a direction that carries volume moves socket → pipe → socket with ``splice(2)``, so
+payload bytes never enter Python: measured on this project's machines at about a third of the
+CPU per GiB of a Python-level copy loop. A pipe costs four system calls to set up and two to
+close, which a tunnel that carries a request and its answer never earns back, so each direction
+starts by copying through a buffer and takes a pipe once it has moved :data:`SPLICE_AFTER`
+bytes. Elsewhere (or when ``splice`` is refused) the copy does the whole job. Either way the
+relay counts bytes for the audit log and ends the tunnel when both directions are closed or
+when it has been idle for ``idle_timeout`` seconds.
 
 Each direction is a small state machine driven by the loop's readiness callbacks, not a task:
 a tunnel is opened for a few hundred microseconds of work, and two tasks, their futures and an
@@ -26,6 +29,11 @@ from dataclasses import dataclass, field
 
 _SPLICE = hasattr(os, "splice")
 _CHUNK = 1 << 18
+# What one recv of the copy takes: under glibc's mmap threshold (128 KiB), so that reading a few
+# bytes does not map and unmap a quarter of a megabyte.
+_COPY_CHUNK = 1 << 16
+# Bytes a direction copies before it moves to splice (see the module docstring).
+SPLICE_AFTER = 1 << 17
 _SPLICE_FLAGS = (getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
                  if _SPLICE else 0)
 _F_SETPIPE_SZ = 1031
@@ -45,8 +53,9 @@ class RelayStats:
 class _Pump:
     """One direction, ``src`` to ``dst``: through a pipe with splice, or through a buffer."""
 
-    __slots__ = ("_buffer", "_in_pipe", "_pipe", "_reading", "_writing", "dst", "dst_sock",
-                 "ended", "error", "loop", "relay", "src", "src_sock", "upstream")
+    __slots__ = ("_buffer", "_copied", "_in_pipe", "_pipe", "_reading", "_use_splice",
+                 "_writing", "dst", "dst_sock", "ended", "error", "loop", "relay", "src",
+                 "src_sock", "upstream")
 
     def __init__(self, relay: _Relay, src: socket.socket, dst: socket.socket, upstream: bool,
                  use_splice: bool) -> None:
@@ -60,12 +69,17 @@ class _Pump:
         self._in_pipe = 0
         self._buffer = b""
         self._pipe: tuple[int, int] | None = None
-        if use_splice:
-            self._pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            with contextlib.suppress(OSError):
-                import fcntl
+        self._use_splice = use_splice
+        self._copied = 0
 
-                fcntl.fcntl(self._pipe[1], _F_SETPIPE_SZ, _CHUNK)
+    def _take_pipe(self) -> None:
+        """From now on move by splice: this direction has shown it carries volume."""
+        self._use_splice = False
+        self._pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):
+            import fcntl
+
+            fcntl.fcntl(self._pipe[1], _F_SETPIPE_SZ, _CHUNK)
 
     def move(self) -> None:
         """Move what can be moved now, then wait for the side that holds things up."""
@@ -79,6 +93,11 @@ class _Pump:
         except Exception as exc:  # a bug: the awaiting task raises it, the tunnel ends
             self.relay.fail(exc)
             return
+        if self._use_splice and self._copied >= SPLICE_AFTER and not self._buffer:
+            try:
+                self._take_pipe()
+            except OSError:  # out of file descriptors: go on copying
+                self._use_splice = False
         if blocked == "eof":
             self._end(None)
         elif blocked == "read":
@@ -118,7 +137,7 @@ class _Pump:
             for _ in range(_ROUNDS):
                 if not self._buffer:
                     try:
-                        self._buffer = self.src_sock.recv(_CHUNK)
+                        self._buffer = self.src_sock.recv(_COPY_CHUNK)
                     except (BlockingIOError, InterruptedError):
                         return "read"
                     if not self._buffer:
@@ -132,6 +151,7 @@ class _Pump:
             return "write" if self._buffer else "read"
         finally:
             if moved:
+                self._copied += moved
                 self.relay.count(self.upstream, moved)
 
     def _watch(self, read: bool) -> None:
@@ -227,8 +247,9 @@ async def relay(client: socket.socket, upstream: socket.socket, stats: RelayStat
                 idle_timeout: float, use_splice: bool = True) -> str:
     """Relay until both directions end or the tunnel idles out. Returns how it ended."""
     loop = asyncio.get_running_loop()
-    client.setblocking(False)
-    upstream.setblocking(False)
+    for sock in (client, upstream):
+        if sock.getblocking():  # asks the socket object, not the kernel: no system call
+            sock.setblocking(False)
     state = _Relay(loop, stats, idle_timeout)
     splice = use_splice and _SPLICE
     try:
