@@ -468,3 +468,27 @@ def test_reload_keeps_spent_budgets() -> None:
     new = content()
     new.adopt_meters(old)
     assert new.admit_tunnel("limited") is not None
+
+
+def test_audit_rows_never_hold_a_secret_in_host_path_or_sni() -> None:
+    """What the proxy logs passes ``scrub``: a secret in the host, path or SNI is redacted,
+    every time (the answer is remembered per value), and a clean row is left as it was."""
+    from egresslock.audit import AuditRecord
+    from egresslock.proxy.context import scrub
+
+    checks = content()
+    clean = AuditRecord(layer="http", verdict="allow", rule_id="api", reason="ok",
+                        host="api.example.com", path="/v1/items")
+    leaky = AuditRecord(layer="tls", verdict="deny", rule_id="default", reason="no",
+                        host=f"{CANARY.lower()}.evil.test", path=f"/x?k={CANARY}",
+                        extra={"sni": f"{CANARY.lower()}.evil.test", "ended": "reset"})
+    for _ in range(3):  # first computed, then remembered: the same answer
+        assert scrub(clean, checks) is clean
+        out = scrub(leaky, checks)
+        assert CANARY.lower() not in str(out).lower()
+        assert out.path == "<redacted: it held a secret>"
+        assert str(out.host).startswith("<redacted>")
+        assert out.extra is not None
+        assert str(out.extra["sni"]).startswith("<redacted>")
+        assert out.extra["ended"] == "reset"
+    assert len(checks.scrubbed) == 2

@@ -127,6 +127,10 @@ class ContentPolicy:
         self.report_only = policy.mode == "report"
         self._key_source = key
         self._key: bytes | None = None
+        # (host, path, sni) of audit rows -> the same, redacted where a secret showed: what
+        # egresslock.proxy.context.scrub found, since the answer depends on these values only.
+        self.scrubbed: dict[tuple[str | None, str | None, str | None],
+                            tuple[str | None, str | None, str | None]] = {}
 
     def adopt_meters(self, previous: ContentPolicy) -> None:
         """Keep the use of budgets that a reload left unchanged: editing a policy must not

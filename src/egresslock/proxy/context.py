@@ -119,21 +119,38 @@ def scrub(record: AuditRecord, content: ContentPolicy) -> AuditRecord:
     credential-shaped value) replaced by a redacted form that keeps where it was going."""
     if content.scanner.empty:
         return record
+    extra = record.extra
+    sni = extra.get("sni") if extra else None
+    key = (record.host, record.path, sni if isinstance(sni, str) else None)
+    seen = content.scrubbed
+    found = seen.get(key)
+    if found is None:
+        found = _scrubbed(content, *key)
+        if len(seen) >= 4096:  # a stream of distinct paths must not grow it without bound
+            seen.clear()
+        seen[key] = found
+    if found == key:
+        return record
     from dataclasses import replace
 
+    host, path, new_sni = found
+    if new_sni != key[2]:
+        extra = {**(extra or {}), "sni": new_sni}
+    return replace(record, host=host, path=path, extra=extra)
+
+
+def _scrubbed(content: ContentPolicy, host: str | None, path: str | None, sni: str | None
+              ) -> tuple[str | None, str | None, str | None]:
+    """Host, path and SNI as an audit row may hold them (the same values when clean)."""
     from egresslock.content.engine import redact_name
 
-    host, path, extra = record.host, record.path, record.extra
     if host and content.scanner.scan_name(host):
         host = redact_name(host)
     if path and content.scanner.scan_text(path):
         path = "<redacted: it held a secret>"
-    sni = (extra or {}).get("sni")
-    if isinstance(sni, str) and content.scanner.scan_name(sni):
-        extra = {**(extra or {}), "sni": redact_name(sni)}
-    if (host, path, extra) == (record.host, record.path, record.extra):
-        return record
-    return replace(record, host=host, path=path, extra=extra)
+    if sni and content.scanner.scan_name(sni):
+        sni = redact_name(sni)
+    return host, path, sni
 
 
 def upstream_context(cafile: str | None) -> ssl.SSLContext:

@@ -32,6 +32,7 @@ it fires early.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Coroutine
 from typing import Any, NamedTuple
 
@@ -154,6 +155,12 @@ class HeadMemo:
                     self.responses.clear()
                 self.responses[key] = found
         return found
+
+
+@functools.lru_cache(maxsize=1024)
+def _texts(addresses: tuple[IPAddress, ...]) -> tuple[str, ...]:
+    """The addresses as text, as the pool keys them (``str`` of an address is not cheap)."""
+    return tuple(str(a) for a in addresses)
 
 
 async def _raise(exc: BaseException) -> Outcome:
@@ -330,10 +337,10 @@ class Lane:
         ctx = self.ctx
         upstream = None
         port = checked.url.port
-        for address in addresses:
-            upstream = ctx.pooled(str(address), port)
+        for address in _texts(addresses):
+            upstream = ctx.pooled(address, port)
             if upstream is not None:
-                ex.address = str(address)
+                ex.address = address
                 break
         if upstream is None:
             return self.settle(head, ex, forward_admitted(ctx, head, self.client, ex, checked,
