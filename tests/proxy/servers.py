@@ -102,10 +102,12 @@ class EchoServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 
 @contextmanager
-def proxy_in_thread(server: ProxyServer, listener: socket.socket
+def proxy_in_thread(server: ProxyServer, listener: socket.socket,
+                    loop: asyncio.AbstractEventLoop | None = None
                     ) -> Iterator[asyncio.AbstractEventLoop]:
-    """Serve ``listener`` with an in-process ``server`` on an event loop in its own thread."""
-    loop = asyncio.new_event_loop()
+    """Serve ``listener`` with an in-process ``server`` on an event loop in its own thread
+    (``loop``, or a new asyncio loop)."""
+    loop = loop or asyncio.new_event_loop()
     started = threading.Event()
 
     def run() -> None:

@@ -206,15 +206,7 @@ def test_refusal_inside_tunnel_reaches_a_client_still_uploading(
         inspecting: tuple[RunningProxy, Path, int], upstreams: Upstreams) -> None:
     proxy, ca, _ = inspecting
     port = upstreams.tls.port
-    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-    raw.sendall(b"CONNECT secure.test:%d HTTP/1.1\r\nHost: secure.test:%d\r\n\r\n"
-                % (port, port))
-    reply = b""
-    while b"\r\n\r\n" not in reply:
-        reply += raw.recv(4096)
-    assert reply.startswith(b"HTTP/1.1 200")
-    ctx = ssl.create_default_context(cafile=str(ca))
-    with ctx.wrap_socket(raw, server_hostname="secure.test") as s:
+    with _tunnel(proxy, ca, port) as s:
         out, error = upload_past_refusal(s, b"PUT /upload/s HTTP/1.1\r\nHost: secure.test:%d\r\n"
                                             b"Transfer-Encoding: chunked\r\n\r\n" % port)
     assert out.startswith(b"HTTP/1.1 403"), (out[:300], error)

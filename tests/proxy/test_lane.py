@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -28,6 +28,7 @@ from egresslock.policy import compile_policy, parse_policy
 from egresslock.proxy.context import Limits, PolicyHolder, ProxyContext
 from egresslock.proxy.resolver import Resolver
 from egresslock.proxy.server import ProxyServer, make_listener
+from tests.proxy.servers import proxy_in_thread
 
 pytestmark = pytest.mark.integration
 
@@ -165,29 +166,6 @@ class Lane:
         return list(self.rows)
 
 
-@contextmanager
-def serving(loop: asyncio.AbstractEventLoop, server: ProxyServer,
-            listener: socket.socket) -> Iterator[None]:
-    started = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        server.serve(listener)
-        loop.call_soon(started.set)
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    started.wait(5)
-    try:
-        yield
-    finally:
-        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
-
-
 @pytest.fixture(params=["uvloop", "asyncio"])
 def lane(request: pytest.FixtureRequest) -> Iterator[Lane]:
     marker = request.node.get_closest_marker("limits")
@@ -199,8 +177,9 @@ def lane(request: pytest.FixtureRequest) -> Iterator[Lane]:
                        Resolver({h: ["127.0.0.1"] for h in HOSTS}), limits)
     loop = uvloop.new_event_loop() if request.param == "uvloop" else asyncio.new_event_loop()
     listener = make_listener("127.0.0.1", 0)
-    with serving(loop, ProxyServer(ctx), listener):
+    with proxy_in_thread(ProxyServer(ctx), listener, loop):
         yield Lane(listener.getsockname()[1], rows, ctx, upstream, loop)
+    loop.close()
     listener.close()
     upstream.close()
 
