@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -278,6 +278,14 @@ class ProxyContext:
                 self.metrics.bytes.labels("out").inc(record.bytes_out)
             if record.bytes_in:
                 self.metrics.bytes.labels("in").inc(record.bytes_in)
+
+    def pooled_any(self, addresses: Iterable[str], port: int) -> tuple[Conn, str] | None:
+        """A pooled connection to the first of ``addresses`` that has one, and that address."""
+        for address in addresses:
+            conn = self.pooled(address, port)
+            if conn is not None:
+                return conn, address
+        return None
 
     def pooled(self, address: str, port: int) -> Conn | None:
         conns = self.pool.get((address, port))

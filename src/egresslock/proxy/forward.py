@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -307,13 +308,17 @@ class _Stale(Exception):
 
 async def _upstream(ctx: ProxyContext, addresses: tuple[IPAddress, ...], port: int,
                     decision: Decision, fresh: bool) -> tuple[Conn, str, bool]:
-    if not fresh:
-        for address in addresses:
-            conn = ctx.pooled(str(address), port)
-            if conn is not None:
-                return conn, str(address), True
+    found = None if fresh else ctx.pooled_any(address_texts(addresses), port)
+    if found is not None:
+        return found[0], found[1], True
     conn, dialled = await dial(ctx, addresses, port, decision)
     return conn, dialled, False
+
+
+@functools.lru_cache(maxsize=1024)
+def address_texts(addresses: tuple[IPAddress, ...]) -> tuple[str, ...]:
+    """The addresses as text, as the pool keys them (``str`` of an address is not cheap)."""
+    return tuple(str(a) for a in addresses)
 
 
 def upstream_head(head: RequestHead, url: URL, framing: Framing,

@@ -32,7 +32,6 @@ it fires early.
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import Callable, Coroutine
 from typing import Any, NamedTuple
 
@@ -47,6 +46,7 @@ from egresslock.proxy.forward import (
     Exchange,
     Refused,
     _final_response_head,
+    address_texts,
     check_request,
     decide_addresses,
     decide_name,
@@ -157,12 +157,6 @@ class HeadMemo:
         return found
 
 
-@functools.lru_cache(maxsize=1024)
-def _texts(addresses: tuple[IPAddress, ...]) -> tuple[str, ...]:
-    """The addresses as text, as the pool keys them (``str`` of an address is not cheap)."""
-    return tuple(str(a) for a in addresses)
-
-
 async def _raise(exc: BaseException) -> Outcome:
     raise exc
 
@@ -221,26 +215,28 @@ class Lane:
     # -- the client side ---------------------------------------------------------------------
 
     def _serve(self) -> object:
-        """Serve the complete heads in the client's buffer; a step, or _WAIT for more bytes."""
-        client = self.client
-        limit = self.ctx.limits.max_head_bytes
-        while True:
-            self.state = _IDLE
-            buf = client.buf
-            if not buf:
-                if self.client_eof:
-                    return None
-                self.since = self.loop.time()
-                return _WAIT
-            end = buf.find(b"\r\n\r\n")
-            if end < 0 or end + 4 > limit:
-                return SLOW  # incomplete or over the limit: the coroutine path times or refuses it
-            raw = bytes(buf[: end + 4])
-            del buf[: end + 4]
-            step = self._request(raw)
-            if step is not _WAIT:
-                return step
-            return _WAIT  # the request went upstream: its answer arrives by callback
+        """Serve the next complete head in the client's buffer: a step, or _WAIT (for more
+        bytes from the client, or for the upstream's answer to the request just sent)."""
+        self.state = _IDLE
+        buf = self.client.buf
+        if not buf:
+            if self.client_eof:
+                return None
+            self.since = self.loop.time()
+            return _WAIT
+        end = buf.find(b"\r\n\r\n")
+        if end < 0 or end + 4 > self.ctx.limits.max_head_bytes:
+            return SLOW  # incomplete or over the limit: the coroutine path times or refuses it
+        raw = bytes(buf[: end + 4])
+        del buf[: end + 4]
+        return self._request(raw)
+
+    def _serve_next(self) -> None:
+        """From a callback, with nothing in flight: serve what the client sent next, and end
+        the connection's wait when that is a step for it."""
+        step = self._serve()
+        if step is not _WAIT:
+            self._resolve(step)
 
     def _on_client(self) -> None:
         try:
@@ -250,17 +246,13 @@ class Lane:
                 return
             except OSError:
                 data = b""
-            if not data:
+            if data:
+                self.client.buf += data
+            else:
                 self.client_eof = True
                 self._stop_client()
-                if self.state == _IDLE:
-                    self._resolve(self._serve())
-                return
-            self.client.buf += data
             if self.state == _IDLE:
-                step = self._serve()
-                if step is not _WAIT:
-                    self._resolve(step)
+                self._serve_next()
             elif len(self.client.buf) > self.ctx.limits.max_head_bytes:
                 self._stop_client()  # a pipelining client waits until this response is out
         except Exception as exc:  # a bug: the connection's task raises it
@@ -335,16 +327,11 @@ class Lane:
         """Send an admitted request's head over a pooled connection, then _WAIT for the answer;
         without one, the coroutine path dials."""
         ctx = self.ctx
-        upstream = None
-        port = checked.url.port
-        for address in _texts(addresses):
-            upstream = ctx.pooled(address, port)
-            if upstream is not None:
-                ex.address = address
-                break
-        if upstream is None:
+        found = ctx.pooled_any(address_texts(addresses), checked.url.port)
+        if found is None:
             return self.settle(head, ex, forward_admitted(ctx, head, self.client, ex, checked,
                                                           decision, addresses))
+        upstream, ex.address = found
         try:
             sent = upstream.sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -456,9 +443,7 @@ class Lane:
             return
         if not self._reading:
             self._read_client()  # paused while a pipelining client's bytes piled up
-        step = self._serve()
-        if step is not _WAIT:
-            self._resolve(step)
+        self._serve_next()
 
     def _hand_over(self, upstream: Conn, pending: bytes, resp: ResponseHead | None
                    ) -> Coroutine[Any, Any, bool]:
