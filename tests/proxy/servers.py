@@ -139,11 +139,14 @@ def echo_server() -> Iterator[EchoServer]:
         server.server_close()
 
 
-def make_ca(directory: Path, hosts: list[str]) -> tuple[Path, Path, Path]:
-    """A test CA and a leaf for ``hosts``: returns (ca.pem, leaf.pem, leaf.key)."""
+def make_ca(directory: Path, hosts: list[str], name: str = "egresslock test CA"
+            ) -> tuple[Path, Path, Path]:
+    """A test CA called ``name`` and a leaf for ``hosts``: returns (ca.pem, leaf.pem, leaf.key).
+    Two CAs of one name in a trust file make OpenSSL pick the wrong issuer (neither has a key
+    identifier): a second CA in one test needs a name of its own."""
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "egresslock test CA")])
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
           .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
           .not_valid_before(now - datetime.timedelta(days=1))

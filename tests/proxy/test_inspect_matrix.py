@@ -31,32 +31,13 @@ from egresslock.proxy.ca import LeafMinter, init_ca
 from tests.conftest import require_sandbox, require_tool
 from tests.proxy.conftest import RunningProxy, Upstreams, start_proxy
 from tests.proxy.servers import make_ca, tls_echo_server, upload_past_refusal
+from tests.proxy.test_inspect import POLICY as INSPECT_POLICY
 from tests.proxy.test_inspect_clients import clean_env, undici  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
 
-POLICY = """\
-version: 1
-network: {{allow_ranges: ["127.0.0.1/32"]}}
-rules:
-  - id: api-read
-    host: secure.test
-    ports: [{tls}]
-    methods: [GET, HEAD]
-    paths: ["/echo/**", "/big", "/chunked"]
-    query: {{params: [page, n], max_value_len: 8}}
-    inspect: true
-  - id: api-write
-    host: secure.test
-    ports: [{tls}]
-    methods: [POST, PUT]
-    paths: ["/upload/*"]
-    max_body_bytes: 1000
-    inspect: true
-  - id: bad-cert
-    host: badcert.test
-    ports: [{bad}]
-    inspect: true
+# test_inspect.py's policy, and the hosts only these tests serve.
+POLICY = INSPECT_POLICY + """\
   - id: mismatch
     host: mismatch.test
     ports: [{tls}]
@@ -77,53 +58,14 @@ rules:
 """
 
 
-def _own_ca(directory: Path, hosts: list[str]) -> tuple[Path, Path, Path]:
-    """Like ``make_ca`` but with a CA name of its own: two CAs of the same name in one trust
-    file make OpenSSL pick the wrong issuer (neither has a key identifier)."""
-    import datetime
-
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "egresslock matrix test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(days=1))
-          .not_valid_after(now + datetime.timedelta(days=2))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-            .issuer_name(ca_name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    out = (directory / "ca.pem", directory / "leaf.pem", directory / "leaf.key")
-    out[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    out[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    out[2].write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                         serialization.PrivateFormat.PKCS8,
-                                         serialization.NoEncryption()))
-    return out
-
-
-class TLSRecorder:
-    """A TLS server that records every decrypted byte of each connection and answers nothing."""
+class _TLSServer:
+    """A loopback TLS server that serves each connection in a thread of its own."""
 
     def __init__(self, leaf: Path, key: Path) -> None:
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(leaf, key)
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.connections: list[bytearray] = []
-        self.finished = 0
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
@@ -133,6 +75,21 @@ class TLSRecorder:
             except OSError:
                 return
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class TLSRecorder(_TLSServer):
+    """A TLS server that records every decrypted byte of each connection and answers nothing."""
+
+    def __init__(self, leaf: Path, key: Path) -> None:
+        self.connections: list[bytearray] = []
+        self.finished = 0
+        super().__init__(leaf, key)
 
     def _serve(self, conn: socket.socket) -> None:
         got = bytearray()
@@ -147,28 +104,13 @@ class TLSRecorder:
         finally:
             self.finished += 1
 
-    def close(self) -> None:
-        self.sock.close()
 
-
-class TLSUpgradeEcho:
+class TLSUpgradeEcho(_TLSServer):
     """Answers an Upgrade request with 101 over TLS, then echoes bytes until the peer closes."""
 
     def __init__(self, leaf: Path, key: Path) -> None:
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(leaf, key)
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.echoed = bytearray()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__(leaf, key)
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -187,9 +129,6 @@ class TLSUpgradeEcho:
                     tls.sendall(data)
         except (OSError, ssl.SSLError):
             pass
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @dataclass
@@ -213,7 +152,8 @@ def setup(upstreams: Upstreams, tmp_path_factory: pytest.TempPathFactory) -> Ite
     (d / "bad").mkdir()
     _, bad_leaf, bad_key = make_ca(d / "bad", ["badcert.test"])
     (d / "own").mkdir()
-    own_ca, own_leaf, own_key = _own_ca(d / "own", ["rec.test", "ws.test"])
+    own_ca, own_leaf, own_key = make_ca(d / "own", ["rec.test", "ws.test"],
+                                           "egresslock matrix test CA")
     trusted = d / "upstream-cas.pem"  # the echo server's CA and this module's own
     trusted.write_bytes(upstreams.ca.read_bytes() + own_ca.read_bytes())
     rec, ws = TLSRecorder(own_leaf, own_key), TLSUpgradeEcho(own_leaf, own_key)

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -159,6 +159,20 @@ class Lane:
         resp = conn.getresponse()
         return resp.status, resp.read(), resp.getheader("X-Egresslock-Deny")
 
+    def raw_head(self, path: str) -> bytes:
+        """A GET of ``path`` on app.test as a forward-proxy client writes it."""
+        port = self.upstream.port
+        return b"GET http://app.test:%d%s HTTP/1.1\r\nHost: app.test:%d\r\n\r\n" % (
+            port, path.encode(), port)
+
+    @contextmanager
+    def kept(self) -> Iterator[socket.socket]:
+        """A raw client connection whose first request was answered: the lane serves the next."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(self.raw_head("/ok/1"))
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            yield s
+
     def wait_rows(self, count: int) -> list[AuditRecord]:
         deadline = time.monotonic() + 5
         while len(self.rows) < count and time.monotonic() < deadline:
@@ -205,9 +219,7 @@ def test_kept_alive_requests_are_answered_remembered_and_logged_once(lane: Lane)
 
 
 def test_pipelined_requests_are_answered_in_order(lane: Lane) -> None:
-    port = lane.upstream.port
-    heads = b"".join(b"GET http://app.test:%d/ok/%d HTTP/1.1\r\nHost: app.test:%d\r\n\r\n"
-                     % (port, i, port) for i in range(6))
+    heads = b"".join(lane.raw_head(f"/ok/{i}") for i in range(6))
     with socket.create_connection(("127.0.0.1", lane.port), timeout=10) as s:
         s.sendall(heads)
         f = s.makefile("rb")
@@ -338,11 +350,7 @@ def test_an_upstream_silent_past_the_response_timeout_gets_504(lane: Lane) -> No
 
 @pytest.mark.limits(idle_timeout=0.5)
 def test_an_idle_kept_connection_is_closed(lane: Lane) -> None:
-    with socket.create_connection(("127.0.0.1", lane.port), timeout=5) as s:
-        port = lane.upstream.port
-        s.sendall(b"GET http://app.test:%d/ok/1 HTTP/1.1\r\nHost: app.test:%d\r\n\r\n"
-                  % (port, port))
-        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+    with lane.kept() as s:
         started = time.monotonic()
         assert s.recv(65536) == b""  # closed by the proxy, quietly
         assert 0.3 < time.monotonic() - started < 3
@@ -350,12 +358,8 @@ def test_an_idle_kept_connection_is_closed(lane: Lane) -> None:
 
 @pytest.mark.limits(head_timeout=0.5)
 def test_a_slow_head_on_a_kept_connection_gets_408(lane: Lane) -> None:
-    with socket.create_connection(("127.0.0.1", lane.port), timeout=5) as s:
-        port = lane.upstream.port
-        s.sendall(b"GET http://app.test:%d/ok/1 HTTP/1.1\r\nHost: app.test:%d\r\n\r\n"
-                  % (port, port))
-        assert s.recv(65536).startswith(b"HTTP/1.1 200")
-        s.sendall(b"GET http://app.test:%d/ok/2 HTTP/1.1\r\nHost: app" % port)
+    with lane.kept() as s:
+        s.sendall(lane.raw_head("/ok/2")[:-20])  # the head stops inside its Host line
         out = s.recv(65536)
         assert out.startswith(b"HTTP/1.1 408"), out
     rows = lane.wait_rows(2)
@@ -364,12 +368,8 @@ def test_a_slow_head_on_a_kept_connection_gets_408(lane: Lane) -> None:
 
 
 def test_a_client_gone_before_its_answer_leaves_the_proxy_serving(lane: Lane) -> None:
-    port = lane.upstream.port
-    req = b"GET http://app.test:%d/%%s HTTP/1.1\r\nHost: app.test:%d\r\n\r\n" % (port, port)
-    with socket.create_connection(("127.0.0.1", lane.port), timeout=5) as s:
-        s.sendall(req % b"ok/1")
-        assert s.recv(65536).startswith(b"HTTP/1.1 200")
-        s.sendall(req % b"late")
+    with lane.kept() as s:
+        s.sendall(lane.raw_head("/late"))
     time.sleep(0.6)
     conn = lane.client()
     assert lane.get(conn, "app.test", "/ok/again")[:2] == (200, b"ok /ok/again")

@@ -67,6 +67,9 @@ def splice(request: pytest.FixtureRequest) -> bool:
     return request.param == "splice"
 
 
+Sockets = tuple[socket.socket, socket.socket, socket.socket, socket.socket]
+
+
 @pytest.fixture
 def sockets() -> Iterator[tuple[socket.socket, socket.socket, socket.socket, socket.socket]]:
     """(client app, proxy's client side, proxy's upstream side, upstream app)."""
@@ -78,11 +81,13 @@ def sockets() -> Iterator[tuple[socket.socket, socket.socket, socket.socket, soc
         s.close()
 
 
-def test_bytes_both_ways_with_half_close(loop_kind: str, splice: bool, sockets: tuple[
-        socket.socket, socket.socket, socket.socket, socket.socket]) -> None:
+
+def exchange_through_relay(loop_kind: str, sockets: Sockets, request: bytes, response: bytes,
+                           use_splice: bool) -> tuple[str, dict[str, bytes], RelayStats]:
+    """The client sends ``request`` and half-closes; the upstream reads it all, answers
+    ``response`` and half-closes. Returns how the relay ended, what each side received, and
+    the relay's counts."""
     client_app, client_side, upstream_side, upstream_app = sockets
-    request = os.urandom(3 * 1024 * 1024 + 17)
-    response = os.urandom(5 * 1024 * 1024 + 3)
     got: dict[str, bytes] = {}
 
     def client() -> None:
@@ -97,9 +102,17 @@ def test_bytes_both_ways_with_half_close(loop_kind: str, splice: bool, sockets: 
 
     threads = [in_thread(client), in_thread(upstream)]
     stats = RelayStats()
-    ended = run(loop_kind, relay(client_side, upstream_side, stats, 10.0, use_splice=splice))
+    ended = run(loop_kind, relay(client_side, upstream_side, stats, 10.0,
+                                 use_splice=use_splice))
     for t in threads:
         t.join(10)
+    return ended, got, stats
+
+
+def test_bytes_both_ways_with_half_close(loop_kind: str, splice: bool, sockets: Sockets) -> None:
+    request = os.urandom(3 * 1024 * 1024 + 17)
+    response = os.urandom(5 * 1024 * 1024 + 3)
+    ended, got, stats = exchange_through_relay(loop_kind, sockets, request, response, splice)
     assert ended == "closed"
     assert got["upstream"] == request
     assert got["client"] == response
@@ -219,7 +232,7 @@ def test_cancelling_the_relay_unregisters_its_sockets(loop_kind: str, splice: bo
 @pytest.mark.parametrize(("size", "spliced"), [(4096, False), (4 * 1024 * 1024 + 5, True)])
 def test_a_direction_takes_a_pipe_only_once_it_carries_volume(
         loop_kind: str, size: int, spliced: bool, monkeypatch: pytest.MonkeyPatch,
-        sockets: tuple[socket.socket, socket.socket, socket.socket, socket.socket]) -> None:
+        sockets: Sockets) -> None:
     """A short exchange is copied (no pipe to set up); a long one moves to splice after
     SPLICE_AFTER bytes, without losing or reordering a byte at the switch."""
     import egresslock.proxy.relay as relay_module
@@ -232,24 +245,8 @@ def test_a_direction_takes_a_pipe_only_once_it_carries_volume(
         return real_splice(*args, **kwargs)
 
     monkeypatch.setattr(relay_module.os, "splice", counting_splice)
-    client_app, client_side, upstream_side, upstream_app = sockets
     data = os.urandom(size)
-    got: dict[str, bytes] = {}
-
-    def client() -> None:
-        client_app.sendall(data)
-        client_app.shutdown(socket.SHUT_WR)
-        got["client"] = read_all(client_app)
-
-    def upstream() -> None:
-        got["upstream"] = read_all(upstream_app)
-        upstream_app.shutdown(socket.SHUT_WR)
-
-    threads = [in_thread(client), in_thread(upstream)]
-    stats = RelayStats()
-    ended = run(loop_kind, relay(client_side, upstream_side, stats, 10.0, use_splice=True))
-    for t in threads:
-        t.join(10)
+    ended, got, stats = exchange_through_relay(loop_kind, sockets, data, b"", use_splice=True)
     assert ended == "closed"
     assert got["upstream"] == data
     assert stats.bytes_up == size
