@@ -28,6 +28,7 @@ import select
 import socket
 import struct
 from collections.abc import Callable
+from typing import NamedTuple
 
 from egresslock.fdwait import wait_fd
 from egresslock.proxy.http1 import ProtocolError
@@ -43,7 +44,7 @@ class Conn:
     """A connected non-blocking socket with a read buffer."""
 
     __slots__ = ("_reading", "_timer", "_timer_at", "_wait_deadline", "_waiter", "buf", "closed",
-                 "handler", "linger", "loop", "sock")
+                 "handler", "linger", "loop", "opened", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         if sock.getblocking():  # asks the socket object, not the kernel: no system call
@@ -51,6 +52,7 @@ class Conn:
         self.sock = sock
         self.buf = bytearray()
         self.loop = asyncio.get_running_loop()
+        self.opened = self.loop.time()  # when the connection was made (accepted, connected)
         self.closed = False
         # Set when a response refused a request whose rest the client may still be sending.
         self.linger = False
@@ -126,6 +128,13 @@ class Conn:
             fd = self.sock.fileno()
             self.loop.add_reader(fd, self._on_readable)
             self._reading = fd
+
+    def forget_reading(self) -> bool:
+        """Give up the socket's registration with the loop without unregistering it, and say
+        whether there was one: the caller registers its own callback for the fd at once, which
+        replaces this one at no cost (removing and adding again costs system calls)."""
+        fd, self._reading = self._reading, -1
+        return fd >= 0
 
     def stop_reading(self) -> None:
         """Unregister the socket from the loop: before anything else waits on it or closes it."""
@@ -254,11 +263,13 @@ class Conn:
         self.close()
 
 
-async def open_conn(address: str, port: int, timeout: float) -> Conn:
-    """Connect to an already checked address. Raises OSError or TimeoutError.
+def start_connect(address: str, port: int) -> Connecting:
+    """Begin connecting to an already checked address, without waiting.
 
     A plain non-blocking connect: the address is numeric and already checked, so nothing may
-    resolve it again (the loop's sock_connect would pass it through getaddrinfo).
+    resolve it again (the loop's sock_connect would pass it through getaddrinfo). A nearby
+    server (loopback, a sidecar) has often answered before ``connect`` returns: one poll without
+    waiting tells, and spares a turn of the loop and a registration.
     """
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -266,19 +277,39 @@ async def open_conn(address: str, port: int, timeout: float) -> Conn:
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         err = sock.connect_ex((address, port))
-        if err not in (0, errno.EINPROGRESS):
-            raise OSError(err, os.strerror(err))
-        # A nearby server (loopback, a sidecar) has often answered before connect_ex returns:
-        # one poll without waiting spares a turn of the loop and a registration.
-        if err:
-            if not _writable_now(sock):
-                await _wait_connected(sock, timeout)
+        if err == errno.EINPROGRESS and _writable_now(sock):
+            # "Writable" means the attempt ended, not that it worked: refused, unreachable.
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:  # refused, unreachable: "writable" means the attempt ended, not that it worked
-                raise OSError(err, os.strerror(err))
     except BaseException:
         sock.close()
         raise
+    if err not in (0, errno.EINPROGRESS):
+        sock.close()
+    return Connecting(sock, err)
+
+
+class Connecting(NamedTuple):
+    """A connection attempt: ``error`` is 0 when connected, EINPROGRESS while it goes on, and
+    the failure's errno otherwise (the socket is closed then)."""
+
+    sock: socket.socket
+    error: int
+
+
+async def finish_connect(attempt: Connecting, timeout: float) -> Conn:
+    """The connection of an attempt, once it is made. Raises OSError or TimeoutError."""
+    sock, err = attempt
+    if err == errno.EINPROGRESS:
+        try:
+            await _wait_connected(sock, timeout)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except BaseException:
+            sock.close()
+            raise
+        if err:
+            sock.close()
+    if err:
+        raise OSError(err, os.strerror(err))
     return Conn(sock)
 
 

@@ -21,7 +21,7 @@ from egresslock.audit import AuditRecord
 from egresslock.errors import InputError
 from egresslock.policy import URL, Decision, Layer, Request, parse_url
 from egresslock.policy.normalize import IPAddress, split_authority
-from egresslock.proxy.conn import Conn, open_conn
+from egresslock.proxy.conn import Conn, Connecting, finish_connect, start_connect
 from egresslock.proxy.context import ProxyContext
 from egresslock.proxy.http1 import (
     LAST_CHUNK,
@@ -209,14 +209,17 @@ async def resolve_and_decide(ctx: ProxyContext, request: Request, keep_alive: bo
 
 
 async def dial(ctx: ProxyContext, addresses: tuple[IPAddress, ...], port: int,
-               decision: Decision) -> tuple[Conn, str]:
-    """Connect to the first checked address that answers."""
+               decision: Decision, first: Connecting | None = None) -> tuple[Conn, str]:
+    """Connect to the first checked address that answers; ``first`` is an attempt already
+    begun on the first address (by the tunnel lane)."""
     last = ""
     timed_out = False
     start = time.perf_counter()
     for address in addresses:
         try:
-            conn = await open_conn(str(address), port, ctx.limits.connect_timeout)
+            attempt = first if first is not None else start_connect(str(address), port)
+            first = None
+            conn = await finish_connect(attempt, ctx.limits.connect_timeout)
         except TimeoutError:
             timed_out, last = True, f"connecting to {address}:{port} timed out"
             continue

@@ -25,6 +25,7 @@ import contextlib
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 _SPLICE = hasattr(os, "splice")
@@ -57,8 +58,8 @@ class _Pump:
                  "_writing", "dst", "dst_sock", "ended", "error", "loop", "relay", "src",
                  "src_sock", "upstream")
 
-    def __init__(self, relay: _Relay, src: socket.socket, dst: socket.socket, upstream: bool,
-                 use_splice: bool) -> None:
+    def __init__(self, relay: Relay, src: socket.socket, dst: socket.socket, upstream: bool,
+                 use_splice: bool, first: bytes = b"") -> None:
         self.relay, self.loop = relay, relay.loop
         self.src_sock, self.dst_sock = src, dst
         self.src, self.dst = src.fileno(), dst.fileno()
@@ -67,7 +68,7 @@ class _Pump:
         self.error: OSError | None = None
         self._reading = self._writing = False
         self._in_pipe = 0
-        self._buffer = b""
+        self._buffer = first  # bytes read from src before the relay began, sent first
         self._pipe: tuple[int, int] | None = None
         self._use_splice = use_splice
         self._copied = 0
@@ -83,7 +84,7 @@ class _Pump:
 
     def move(self) -> None:
         """Move what can be moved now, then wait for the side that holds things up."""
-        if self.ended or self.relay.done.done():
+        if self.ended or self.relay.finished:
             return
         try:
             blocked = self._splice(self._pipe) if self._pipe is not None else self._copy()
@@ -193,16 +194,16 @@ class _Pump:
             self._pipe = None
 
 
-class _Relay:
-    """Both directions of one tunnel, the idle timer, and the future the caller awaits."""
+class Relay:
+    """Both directions of one tunnel and the idle timer; calls ``on_end`` once, when it ends."""
 
-    __slots__ = ("done", "ended_how", "idle_timeout", "loop", "pumps", "stats", "timer")
+    __slots__ = ("finished", "idle_timeout", "loop", "on_end", "pumps", "stats", "timer")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, stats: RelayStats,
-                 idle_timeout: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, stats: RelayStats, idle_timeout: float,
+                 on_end: Callable[[str, Exception | None], None]) -> None:
         self.loop, self.stats, self.idle_timeout = loop, stats, idle_timeout
-        self.done: asyncio.Future[None] = loop.create_future()
-        self.ended_how = "closed"
+        self.on_end = on_end
+        self.finished = False
         self.pumps: list[_Pump] = []
         self.timer = loop.call_later(idle_timeout, self._on_timer)
 
@@ -219,7 +220,7 @@ class _Relay:
             others_ended = all(p.ended for p in self.pumps)
             self._finish(f"reset: {pump.error}" if others_ended else "reset")
         elif all(p.ended for p in self.pumps):
-            self._finish(self.ended_how)
+            self._finish("closed")
 
     def _on_timer(self) -> None:
         remaining = self.idle_timeout - (time.monotonic() - self.stats.last_active)
@@ -229,35 +230,72 @@ class _Relay:
             self.timer = self.loop.call_later(remaining, self._on_timer)
 
     def fail(self, exc: Exception) -> None:
-        if not self.done.done():
-            self.done.set_exception(exc)
+        self._finish("failed", exc)
 
-    def _finish(self, how: str) -> None:
-        if not self.done.done():
-            self.ended_how = how
-            self.done.set_result(None)
+    def _finish(self, how: str, exc: Exception | None = None) -> None:
+        if not self.finished:
+            self.close()
+            on_end, self.on_end = self.on_end, _ended_already
+            on_end(how, exc)
 
     def close(self) -> None:
+        """Stop both directions and the timer (the sockets stay open). Idempotent."""
+        self.finished = True
         self.timer.cancel()
         for pump in self.pumps:
             pump.stop()
+        # No cycles (relay and pumps, relay and its owner) outlive a tunnel: reference counting
+        # frees it at once, and the cyclic collector, which pauses the loop, runs less often.
+        self.pumps = []
+
+
+def _ended_already(how: str, exc: Exception | None) -> None:
+    pass
+
+
+def start_relay(client: socket.socket, upstream: socket.socket, stats: RelayStats,
+                idle_timeout: float, on_end: Callable[[str, Exception | None], None],
+                use_splice: bool = True, first: bytes = b"", client_registered: bool = False
+                ) -> Relay:
+    """Relay between two non-blocking sockets from the loop's callbacks; ``on_end(how, error)``
+    is called once when both directions have ended or the tunnel idled out (``error`` is a bug
+    met on the way, else None). ``first`` are the client's bytes read before, sent upstream
+    first. ``client_registered``: the client's socket is registered with the loop for reading;
+    the relay takes that registration over, which costs less than removing and adding one.
+    Call ``close()`` on the result to stop it early."""
+    loop = asyncio.get_running_loop()
+    state = Relay(loop, stats, idle_timeout, on_end)
+    splice = use_splice and _SPLICE
+    up = _Pump(state, client, upstream, True, splice, first)
+    down = _Pump(state, upstream, client, False, splice)
+    state.pumps = [up, down]
+    if client_registered:
+        loop.add_reader(up.src, up.move)  # replaces the callback: no system call
+        up._reading = True
+    for pump in state.pumps:
+        pump.move()
+    return state
 
 
 async def relay(client: socket.socket, upstream: socket.socket, stats: RelayStats,
-                idle_timeout: float, use_splice: bool = True) -> str:
+                idle_timeout: float, use_splice: bool = True, first: bytes = b"",
+                client_registered: bool = False) -> str:
     """Relay until both directions end or the tunnel idles out. Returns how it ended."""
-    loop = asyncio.get_running_loop()
     for sock in (client, upstream):
         if sock.getblocking():  # asks the socket object, not the kernel: no system call
             sock.setblocking(False)
-    state = _Relay(loop, stats, idle_timeout)
-    splice = use_splice and _SPLICE
+    done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def on_end(how: str, exc: Exception | None) -> None:
+        if not done.done():
+            if exc is not None:
+                done.set_exception(exc)
+            else:
+                done.set_result(how)
+
+    state = start_relay(client, upstream, stats, idle_timeout, on_end, use_splice, first,
+                        client_registered)
     try:
-        state.pumps = [_Pump(state, client, upstream, True, splice),
-                       _Pump(state, upstream, client, False, splice)]
-        for pump in state.pumps:
-            pump.move()
-        await state.done
+        return await done
     finally:
         state.close()
-    return state.ended_how
