@@ -110,10 +110,13 @@ def proxy_in_thread(server: ProxyServer, listener: socket.socket,
     loop = loop or asyncio.new_event_loop()
     started = threading.Event()
 
+    def begin() -> None:
+        server.serve(listener)
+        started.set()
+
     def run() -> None:
         asyncio.set_event_loop(loop)
-        server.serve(listener)
-        loop.call_soon(started.set)
+        loop.call_soon(begin)
         loop.run_forever()
 
     thread = threading.Thread(target=run, daemon=True)

@@ -101,6 +101,15 @@ class _Remembered(NamedTuple):
     data: bytes  # the head sent upstream
 
 
+class TunnelPlan(NamedTuple):
+    """A CONNECT the tunnel lane opens, as far as its head's bytes decide it."""
+
+    host: str
+    port: int
+    decision: Decision
+    address: IPAddress
+
+
 class HeadMemo:
     """What the lane worked out from a head's exact bytes, to reuse for the same bytes.
 
@@ -110,11 +119,13 @@ class HeadMemo:
     bytes always get the same answer, so the lane remembers it: a client that repeats a request
     on its kept-alive connection has it parsed, decided and checked once. Responses likewise:
     parsing a head and writing the one the client gets depend on the bytes alone (and on whether
-    the request was a HEAD). A memo serves one policy and is replaced with it; it keeps heads up
-    to 2 KiB, and is cleared when it holds 1,024 of either kind, which bounds its memory.
+    the request was a HEAD). So do CONNECT heads the tunnel lane opens (it opens only those under
+    such rules): the host, port, decision and address they come to. A memo serves one policy and
+    is replaced with it; it keeps heads up to 2 KiB, and is cleared when it holds 1,024 of any
+    kind, which bounds its memory.
     """
 
-    __slots__ = ("content", "policy", "requests", "responses")
+    __slots__ = ("content", "policy", "requests", "responses", "tunnels")
 
     MAX_HEAD = 2048
     MAX_ENTRIES = 1024
@@ -124,6 +135,7 @@ class HeadMemo:
         self.content = ctx.content
         self.requests: dict[bytes, _Remembered] = {}
         self.responses: dict[tuple[bytes, bool], tuple[ResponseHead, Framing, bytes, bytes]] = {}
+        self.tunnels: dict[bytes, TunnelPlan] = {}
 
     @classmethod
     def of(cls, ctx: ProxyContext) -> HeadMemo:
@@ -138,6 +150,12 @@ class HeadMemo:
             if len(self.requests) >= self.MAX_ENTRIES:
                 self.requests.clear()
             self.requests[raw] = answer
+
+    def remember_tunnel(self, raw: bytes, plan: TunnelPlan) -> None:
+        if len(raw) <= self.MAX_HEAD:
+            if len(self.tunnels) >= self.MAX_ENTRIES:
+                self.tunnels.clear()
+            self.tunnels[raw] = plan
 
     def response(self, raw: bytes, head_method: bool
                  ) -> tuple[ResponseHead, Framing, bytes, bytes]:

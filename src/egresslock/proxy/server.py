@@ -13,8 +13,9 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
+from typing import Any
 
 from egresslock.audit import AuditRecord
 from egresslock.errors import InputError, ProxyError
@@ -46,7 +47,14 @@ from egresslock.proxy.transparent import (
     original_destination,
     sniff,
 )
-from egresslock.proxy.tunnel import TunnelDenied, TunnelResult, handle_connect, tunnel_row
+from egresslock.proxy.tunnel import (
+    TunnelDenied,
+    TunnelResult,
+    ended_row,
+    handle_connect,
+    tunnel_row,
+)
+from egresslock.proxy.tunnel_lane import TunnelLane
 
 log = logging.getLogger("egresslock.proxy")
 
@@ -77,81 +85,121 @@ class ProxyServer:
         # For transparent capture: the names the sandbox's DNS stub gave for an address.
         self.names_for: NamesFor = names_for or (lambda _address: ())
         self._tasks: set[asyncio.Task[None]] = set()
-        self._accepting: list[asyncio.Task[None]] = []
+        self._listeners: list[socket.socket] = []
+        # Tunnels the lane serves from callbacks (no task to cancel): closed by close().
+        self._lanes: set[TunnelLane] = set()
+        # How many tunnels the lane opened (decided and dialled), whether it finished them or
+        # handed them over: for the tests, which must know which path ran.
+        self.lane_tunnels = 0
 
     def serve(self, listener: socket.socket, transparent: bool = False) -> None:
         """Start accepting on ``listener`` (non-blocking, already listening). A transparent
         listener takes connections nftables redirected (see :mod:`egresslock.proxy.transparent`).
-        """
-        self._accepting.append(asyncio.ensure_future(self._accept_loop(listener, transparent)))
+        The listener stays registered with the loop (its sock_accept would register and
+        unregister it for every connection)."""
+        self._listeners.append(listener)
+        asyncio.get_running_loop().add_reader(listener.fileno(), self._on_listener, listener,
+                                              transparent)
 
-    async def _accept_loop(self, listener: socket.socket, transparent: bool) -> None:
-        """Accept until cancelled. The listener stays registered with the loop while it is
-        drained (the loop's sock_accept registers and unregisters it for every connection)."""
-        loop = asyncio.get_running_loop()
-        fd = listener.fileno()
-        ready: asyncio.Future[None] = loop.create_future()
+    def _on_listener(self, listener: socket.socket, transparent: bool) -> None:
+        for _ in range(64):  # a flood of connections must not starve the others
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                log.warning("accept failed: %s", exc)
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(listener.fileno())
+                loop.call_later(0.1, self._listen_again, listener, transparent)
+                return
+            try:
+                self._accepted(sock, transparent)
+            except Exception:  # a bug must not stop the proxy from accepting
+                log.exception("serving a new connection failed")
+                sock.close()
 
-        def readable() -> None:
-            if not ready.done():
-                ready.set_result(None)
+    def _listen_again(self, listener: socket.socket, transparent: bool) -> None:
+        if listener in self._listeners and listener.fileno() >= 0:
+            asyncio.get_running_loop().add_reader(listener.fileno(), self._on_listener,
+                                                  listener, transparent)
 
-        loop.add_reader(fd, readable)
-        try:
-            accepted = 0
-            while True:
-                try:
-                    sock, _ = listener.accept()
-                except (BlockingIOError, InterruptedError):
-                    accepted = 0
-                    ready = loop.create_future()
-                    await ready
-                    continue
-                except OSError as exc:  # EMFILE and friends: back off instead of spinning
-                    log.warning("accept failed: %s", exc)
-                    loop.remove_reader(fd)
-                    await asyncio.sleep(0.1)
-                    loop.add_reader(fd, readable)
-                    continue
-                task = asyncio.ensure_future(self._connection(sock, transparent))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-                accepted += 1
-                if accepted >= 64:  # a flood of connections must not starve the others
-                    accepted = 0
-                    await asyncio.sleep(0)
-        finally:
-            with contextlib.suppress(RuntimeError, ValueError, OSError):
-                loop.remove_reader(fd)
-
-    async def close(self) -> None:
-        for t in self._accepting:
-            t.cancel()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._accepting, *self._tasks, return_exceptions=True)
-        for conns in self.ctx.pool.values():
-            for c in conns:
-                c.close()
-        self.ctx.pool.clear()
-
-    async def _connection(self, sock: socket.socket, transparent: bool = False) -> None:
+    def _accepted(self, sock: socket.socket, transparent: bool) -> None:
+        """A new connection: the tunnel lane opens it when it can, else a task serves it."""
         ctx = self.ctx
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client = Conn(sock)
         if ctx.active_connections >= ctx.limits.max_connections:
-            reason = f"too many connections (limit {ctx.limits.max_connections})"
-            with contextlib.suppress(OSError):
-                await client.send(simple_response(503, "Service Unavailable",
-                                                  f"egresslock: {reason}", close=True))
-            ctx.log(AuditRecord(layer="http", verdict="deny", rule_id="default", reason=reason,
-                                protocol="tcp"))
-            client.close()
+            self._spawn(self._refuse_busy(client))
             return
-        ctx.active_connections += 1
-        if ctx.metrics is not None:
-            ctx.metrics.connections.inc()
+        self._opened()
+        if not transparent:
+            lane = TunnelLane(ctx, client, self._hand_over, self._lane_ended)
+            self._lanes.add(lane)
+            if lane.open(self._action_port(client)):
+                return
+            self._lanes.discard(lane)
+        self._spawn(self._connection(client, transparent))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _action_port(self, client: Conn) -> int | None:
+        return client.sock.getsockname()[1] if self.actions is not None else None
+
+    def _opened(self) -> None:
+        self.ctx.active_connections += 1
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.connections.inc()
+
+    def _closed(self) -> None:
+        self.ctx.active_connections -= 1
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.connections.dec()
+
+    def _lane_ended(self, lane: TunnelLane) -> None:
+        self._lanes.discard(lane)
+        self.lane_tunnels += lane.decision is not None
+        self._closed()
+
+    def _hand_over(self, lane: TunnelLane, work: Coroutine[Any, Any, Decision] | None) -> None:
+        self._lanes.discard(lane)
+        self.lane_tunnels += lane.decision is not None
+        if work is None:
+            self._spawn(self._connection(lane.client))
+        else:
+            self._spawn(self._continue_tunnel(lane.client, lane.result, work))
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for listener in self._listeners:
+            with contextlib.suppress(RuntimeError, ValueError, OSError):
+                loop.remove_reader(listener.fileno())
+        self._listeners.clear()
+        for lane in list(self._lanes):
+            lane.close()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for conns in self.ctx.pool.values():
+            for c in conns:
+                c.close()
+        self.ctx.pool.clear()
+
+    async def _refuse_busy(self, client: Conn) -> None:
+        ctx = self.ctx
+        reason = f"too many connections (limit {ctx.limits.max_connections})"
+        with contextlib.suppress(OSError):
+            await client.send(simple_response(503, "Service Unavailable",
+                                              f"egresslock: {reason}", close=True))
+        ctx.log(AuditRecord(layer="http", verdict="deny", rule_id="default", reason=reason,
+                            protocol="tcp"))
+        client.close()
+
+    async def _connection(self, client: Conn, transparent: bool = False) -> None:
         try:
             if transparent:
                 await self._transparent(client)
@@ -163,9 +211,18 @@ class ProxyServer:
             try:
                 await client.finish()
             finally:
-                ctx.active_connections -= 1
-                if ctx.metrics is not None:
-                    ctx.metrics.connections.dec()
+                self._closed()
+
+    async def _continue_tunnel(self, client: Conn, result: TunnelResult,
+                               work: Coroutine[Any, Any, Decision]) -> None:
+        """A tunnel the lane began and handed over (see :mod:`egresslock.proxy.tunnel_lane`)."""
+        try:
+            await self._settle_tunnel(client, result, work)
+        finally:
+            try:
+                await client.finish()
+            finally:
+                self._closed()
 
     async def _serve(self, client: Conn) -> None:
         """A forward-proxy client: its first request on the coroutine path (which dials the
@@ -190,9 +247,11 @@ class ProxyServer:
         loop = client.loop
         if not client.buf:
             # Waiting for a next request is idle time; once a byte arrives the head clock runs.
+            # The first request's wait counts from the connection's start (the tunnel lane may
+            # have waited already).
             wait = limits.head_timeout if first else limits.idle_timeout
             try:
-                if not await client.fill(loop.time() + wait):
+                if not await client.fill((client.opened if first else loop.time()) + wait):
                     return None
             except TimeoutError:
                 if first:
@@ -347,22 +406,31 @@ class ProxyServer:
 
     async def _connect(self, head: RequestHead, client: Conn) -> None:
         result = TunnelResult()
+        await self._settle_tunnel(client, result, handle_connect(self.ctx, head, client, result))
+
+    async def _settle_tunnel(self, client: Conn, result: TunnelResult,
+                             work: Awaitable[Decision]) -> None:
+        """Await a CONNECT tunnel to its end, write the answer of a refusal or failure, and
+        log its one audit row (also when the proxy stops while it runs)."""
         try:
-            decision = await handle_connect(self.ctx, head, client, result)
+            decision = await work
         except Refused as r:
             await self._write(client, r.response)
             self.ctx.log(tunnel_row(result, "connect", r.verdict, r.rule_id, r.reason))
             return
         except TunnelDenied as d:
             client.abort()
-            self.ctx.log(tunnel_row(result, "tls", "deny", d.rule_id, d.reason))
+            self.ctx.log(ended_row(result, d))
             return
-        except (TimeoutError, OSError) as exc:
-            self.ctx.log(tunnel_row(result, "connect", "allow", "default",
-                                    f"tunnel failed: {exc or type(exc).__name__}"))
+        except OSError as exc:  # TimeoutError too
+            self.ctx.log(ended_row(result, exc))
             return
-        self.ctx.log(tunnel_row(result, "connect", decision.verdict.value, decision.rule_id,
-                                decision.reason))
+        except asyncio.CancelledError:
+            if result.decision is not None:
+                result.ended = result.ended or "proxy stopped"
+                self.ctx.log(ended_row(result, result.decision))
+            raise
+        self.ctx.log(ended_row(result, decision))
 
     @staticmethod
     async def _write(client: Conn, data: bytes) -> None:

@@ -9,6 +9,7 @@ connection before a byte reaches upstream, and the log says why.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from egresslock.audit import AuditRecord
@@ -16,7 +17,7 @@ from egresslock.errors import InputError
 from egresslock.policy import Decision, Layer, Request, normalize_host
 from egresslock.policy.loader import HTTPS_PORTS
 from egresslock.policy.normalize import IPAddress, parse_ip_literal, split_authority
-from egresslock.proxy.conn import Conn
+from egresslock.proxy.conn import Conn, Connecting
 from egresslock.proxy.context import ProxyContext
 from egresslock.proxy.forward import (
     Refused,
@@ -31,6 +32,9 @@ from egresslock.proxy.relay import RelayStats, relay
 from egresslock.proxy.tls import ClientHello, NotTLS, looks_like_tls, parse_client_hello
 from egresslock.proxy.tlsconn import TLSError
 
+# CONNECT's answer once the upstream connection is open.
+CONNECTED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
 
 @dataclass(slots=True)
 class TunnelResult:
@@ -44,6 +48,7 @@ class TunnelResult:
     bytes_in: int = 0
     ended: str = ""
     transparent: bool = False  # redirected by nftables, not asked for with CONNECT
+    decision: Decision | None = None  # once the tunnel is allowed
 
 
 def parse_connect_target(head: RequestHead) -> tuple[str, int]:
@@ -69,17 +74,15 @@ async def read_hello(ctx: ProxyContext, client: Conn, tls_required: bool
 
     Where TLS is required (HTTPS ports) anything else raises NotTLS. Elsewhere the client may
     speak first in another protocol, or wait for the server to speak (SSH, SMTP): a short wait
-    decides which.
+    (:func:`hello_wait`) decides which.
     """
-    wait = ctx.limits.hello_timeout if tls_required else 0.25
+    wait = hello_wait(ctx, tls_required)
     deadline = client.loop.time() + wait
     try:
         while True:
             if client.buf:
-                if not tls_required and not looks_like_tls(bytes(client.buf[:3])):
-                    return None
-                hello = parse_client_hello(bytes(client.buf))
-                if hello is not None:
+                complete, hello = hello_in(bytes(client.buf), tls_required)
+                if complete:
                     return hello
             if not await client.fill(deadline):
                 raise NotTLS("client closed the tunnel before its first bytes")
@@ -87,6 +90,20 @@ async def read_hello(ctx: ProxyContext, client: Conn, tls_required: bool
         if tls_required:
             raise NotTLS(f"no TLS ClientHello within {wait:g}s") from None
         return None
+
+
+def hello_wait(ctx: ProxyContext, tls_required: bool) -> float:
+    """How long a tunnel waits for the client's first bytes."""
+    return ctx.limits.hello_timeout if tls_required else 0.25
+
+
+def hello_in(data: bytes, tls_required: bool) -> tuple[bool, ClientHello | None]:
+    """Whether the client's first bytes ``data`` are enough to tell, and the ClientHello they
+    hold (None for another protocol where TLS is not required). Raises NotTLS where it is."""
+    if not tls_required and not looks_like_tls(data[:3]):
+        return True, None
+    hello = parse_client_hello(data)
+    return hello is not None, hello
 
 
 def check_sni(hello: ClientHello | None, host: str, port: int) -> str | None:
@@ -113,8 +130,8 @@ async def handle_connect(ctx: ProxyContext, head: RequestHead, client: Conn,
     result.host, result.port = host, port
     request = Request(host, port, "https" if port in HTTPS_PORTS else "tcp", layer=Layer.CONNECT)
     decision, addresses = await resolve_and_decide(ctx, request, keep_alive=False)
-    return await run_tunnel(ctx, client, host, port, decision, addresses, result,
-                            b"HTTP/1.1 200 Connection established\r\n\r\n")
+    result.decision = decision
+    return await run_tunnel(ctx, client, host, port, decision, addresses, result, CONNECTED)
 
 
 async def run_tunnel(ctx: ProxyContext, client: Conn, host: str, port: int, decision: Decision,
@@ -122,24 +139,38 @@ async def run_tunnel(ctx: ProxyContext, client: Conn, host: str, port: int, deci
                      ) -> Decision:
     """Dial a decided tunnel, send ``reply`` (CONNECT's 200; nothing when transparent), check
     the ClientHello against ``host``, then inspect or relay until either side ends."""
-    why = _refusal_before_dial(ctx, host, decision)
+    why = refusal_before_dial(ctx, host, decision)
     if why is not None:
         raise Refused(deny_response(decision.rule_id, why, True), "deny", decision.rule_id, why)
-    upstream, address = await dial(ctx, addresses, port, decision)
+    return await dial_and_run(ctx, client, host, port, decision, addresses, result, reply)
+
+
+async def dial_and_run(ctx: ProxyContext, client: Conn, host: str, port: int,
+                       decision: Decision, addresses: tuple[IPAddress, ...],
+                       result: TunnelResult, reply: bytes, first: Connecting | None = None
+                       ) -> Decision:
+    """:func:`run_tunnel` after its checks: ``first`` is an attempt the tunnel lane began."""
+    upstream, address = await dial(ctx, addresses, port, decision, first)
     result.address = address
+    return await run_dialed(ctx, client, upstream, host, port, decision, addresses, result,
+                            reply)
+
+
+async def run_dialed(ctx: ProxyContext, client: Conn, upstream: Conn, host: str, port: int,
+                     decision: Decision, addresses: tuple[IPAddress, ...],
+                     result: TunnelResult, reply: bytes) -> Decision:
+    """:func:`run_tunnel` once connected: send ``reply``, check the first bytes, then inspect
+    or relay. Closes ``upstream``."""
     try:
         if reply:
             await client.send(reply)
         try:
             hello = await read_hello(ctx, client, port in HTTPS_PORTS)
         except NotTLS as exc:
-            raise TunnelDenied("default", f"non-TLS bytes on HTTPS port {port}: {exc}") from exc
+            raise not_tls(port, exc) from exc
         except OSError as exc:
             raise TunnelDenied("default", f"client failed before TLS: {exc}") from exc
-        result.sni = hello.server_name if hello else None
-        why = check_sni(hello, host, port)
-        if why is not None:
-            raise TunnelDenied("default", why)
+        admit_hello(ctx, result, hello, host, port, decision)
         if decision.inspect:
             if hello is None:
                 raise TunnelDenied(decision.rule_id, "an inspected tunnel must begin with TLS")
@@ -150,31 +181,52 @@ async def run_tunnel(ctx: ProxyContext, client: Conn, host: str, port: int, deci
                 raise TunnelDenied(decision.rule_id, f"inspection failed: {exc}") from exc
             result.ended = "inspected"
             return decision
-        # Whatever this tunnel returns reaches the agent unseen: a reads rule raises the mark.
-        ctx.flow_read(decision.rule_id, f"tunnel to {host}:{port}")
-        first = client.take_buffer()
-        if first:
-            await upstream.send(first)
-            result.bytes_out += len(first)
         stats = RelayStats()
-        client.stop_reading()  # the relay waits on both sockets itself
+        registered = client.forget_reading()  # the relay takes the registration over
         upstream.stop_reading()
         if ctx.metrics is not None:
             ctx.metrics.tunnels.inc()
         try:
             result.ended = await relay(client.sock, upstream.sock, stats,
-                                       ctx.limits.tunnel_idle_timeout)
+                                       ctx.limits.tunnel_idle_timeout,
+                                       first=client.take_buffer(), client_registered=registered)
+        except asyncio.CancelledError:
+            result.ended = "proxy stopped"
+            raise
         finally:
             if ctx.metrics is not None:
                 ctx.metrics.tunnels.dec()
-        result.bytes_out += stats.bytes_up
-        result.bytes_in += stats.bytes_down
+            result.bytes_out += stats.bytes_up
+            result.bytes_in += stats.bytes_down
     finally:
         upstream.close()
     return decision
 
 
-def _refusal_before_dial(ctx: ProxyContext, host: str, decision: Decision) -> str | None:
+def not_tls(port: int, exc: NotTLS) -> TunnelDenied:
+    """The deny of a tunnel whose first bytes are not the ClientHello its port requires, or
+    that ended before they came."""
+    if port in HTTPS_PORTS:
+        return TunnelDenied("default", f"non-TLS bytes on HTTPS port {port}: {exc}")
+    return TunnelDenied("default", str(exc))
+
+
+def admit_hello(ctx: ProxyContext, result: TunnelResult, hello: ClientHello | None, host: str,
+                port: int, decision: Decision) -> None:
+    """Check the client's first bytes against the CONNECT host (raises TunnelDenied); for a
+    tunnel the proxy cannot see into, raise the session mark to what its rule reads."""
+    result.sni = hello.server_name if hello else None
+    why = check_sni(hello, host, port)
+    if why is not None:
+        raise TunnelDenied("default", why)
+    if not decision.inspect:
+        # Whatever this tunnel returns reaches the agent unseen: a reads rule raises the mark.
+        ctx.flow_read(decision.rule_id, f"tunnel to {host}:{port}")
+
+
+def refusal_before_dial(ctx: ProxyContext, host: str, decision: Decision) -> str | None:
+    """Why an allowed tunnel may not be dialled: no CA to inspect with, data in its name, the
+    no-write-down rule, or a budget (which this charges: call it once per tunnel)."""
     if decision.inspect and ctx.minter is None:
         return (f"rule {decision.rule_id} needs TLS inspection (inspect: true), but the proxy "
                 "has no CA; create one with 'egresslock ca init' and restart the proxy")
@@ -194,6 +246,18 @@ class TunnelDenied(Exception):
         super().__init__(reason)
         self.rule_id = rule_id
         self.reason = reason
+
+
+def ended_row(result: TunnelResult, outcome: Decision | TunnelDenied | OSError) -> AuditRecord:
+    """The row of a CONNECT tunnel that was allowed and dialled: relayed to its end (the
+    decision), denied after its first bytes, or failed (a TimeoutError is an OSError)."""
+    if isinstance(outcome, TunnelDenied):
+        return tunnel_row(result, "tls", "deny", outcome.rule_id, outcome.reason)
+    if isinstance(outcome, OSError):
+        return tunnel_row(result, "connect", "allow", "default",
+                          f"tunnel failed: {outcome or type(outcome).__name__}")
+    return tunnel_row(result, "connect", outcome.verdict.value, outcome.rule_id,
+                      outcome.reason)
 
 
 def tunnel_row(result: TunnelResult, layer: str, verdict: str, rule_id: str, reason: str
