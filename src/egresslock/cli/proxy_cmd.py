@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,9 +105,7 @@ def proxy(policy_file: Path, listen: str, audit_path: Path | None, resolve: tupl
         if proxy_metrics is not None and metrics is not None:
             m_host, m_port = parse_listen(metrics)
             proxy_metrics.serve(m_host, m_port)
-        bound = listener.getsockname()
-        click.echo(f"listening on {bound[0]}:{bound[1]}")
-        sys.stdout.flush()
+        _ready(listener)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -163,3 +163,17 @@ def _run(coro: object, no_uvloop: bool) -> None:
             uvloop.run(coro)  # type: ignore[arg-type]
             return
     asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def _ready(listener: socket.socket) -> None:
+    """Say where the proxy listens, once it is about to serve.
+
+    First, what is loaded (the compiled policy above all) is moved out of the cyclic collector's
+    reach, since it stays for the proxy's life: a collection then scans only what serving
+    allocates (a full one took about 12 ms with the policy in it, a pause that every request
+    in flight would see)."""
+    gc.collect()
+    gc.freeze()
+    bound = listener.getsockname()
+    click.echo(f"listening on {bound[0]}:{bound[1]}")
+    sys.stdout.flush()
