@@ -127,8 +127,10 @@ class ProxyServer:
     def _accepted(self, sock: socket.socket, transparent: bool) -> None:
         """A new connection: the tunnel lane opens it when it can, else a task serves it."""
         ctx = self.ctx
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 - suppress() is three calls, on every new connection
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         client = Conn(sock)
         if ctx.active_connections >= ctx.limits.max_connections:
             self._spawn(self._refuse_busy(client))

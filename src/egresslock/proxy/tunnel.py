@@ -182,14 +182,14 @@ async def run_dialed(ctx: ProxyContext, client: Conn, upstream: Conn, host: str,
             result.ended = "inspected"
             return decision
         stats = RelayStats()
-        registered = client.forget_reading()  # the relay takes the registration over
-        upstream.stop_reading()
+        # The relay takes the registrations over.
+        registered = (client.forget_reading(), upstream.forget_reading())
         if ctx.metrics is not None:
             ctx.metrics.tunnels.inc()
         try:
             result.ended = await relay(client.sock, upstream.sock, stats,
                                        ctx.limits.tunnel_idle_timeout,
-                                       first=client.take_buffer(), client_registered=registered)
+                                       first=client.take_buffer(), registered=registered)
         except asyncio.CancelledError:
             result.ended = "proxy stopped"
             raise

@@ -210,16 +210,21 @@ class TunnelLane:
             self._continue(dial_and_run(ctx, client, host, port, decision, (address,), result,
                                         CONNECTED, attempt))
             return
-        if ctx.metrics is not None:
-            ctx.metrics.dial_seconds.observe(time.perf_counter() - start)
-        self.upstream = upstream = Conn(attempt.sock)
-        result.address = str(address)
+        dialled = time.perf_counter()
+        # The client waits for this answer: it goes first, the bookkeeping after it.
+        failed: OSError | None = None
         try:
             sent = client.sock.send(CONNECTED)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
-            self._end(exc)
+            sent, failed = 0, exc
+        self.upstream = upstream = Conn(attempt.sock)
+        result.address = str(address)
+        if ctx.metrics is not None:
+            ctx.metrics.dial_seconds.observe(dialled - start)
+        if failed is not None:
+            self._end(failed)
             return
         if sent < len(CONNECTED):
             self.upstream = None
@@ -298,14 +303,22 @@ class TunnelLane:
         except TunnelDenied as d:
             self._end(d)
             return
+        # The first bytes go upstream at once; the relay is set up while the server reads them.
+        first = client.take_buffer()
+        sent = 0
+        if first:
+            try:
+                sent = upstream.sock.send(first)
+            except OSError:  # the relay meets the error again and ends
+                sent = 0
         client.handler = None
-        registered = client.forget_reading()
+        registered = (client.forget_reading(), upstream.forget_reading())
         if ctx.metrics is not None:
             ctx.metrics.tunnels.inc()
-        self.stats = RelayStats()
+        self.stats = RelayStats(bytes_up=sent)
         relay = start_relay(client.sock, upstream.sock, self.stats,
                             ctx.limits.tunnel_idle_timeout, self._on_relay_end,
-                            first=client.take_buffer(), client_registered=registered)
+                            first=first[sent:], registered=registered)
         if not self.finished:
             self.relay = relay
 
