@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
 import hashlib
 import http.server
@@ -128,6 +129,45 @@ def proxy_in_thread(server: ProxyServer, listener: socket.socket,
         asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
+
+
+class ThreadedServer:
+    """A loopback TCP server with a thread per connection; subclasses answer in ``serve``.
+    It counts its connections and closes them all on ``close``."""
+
+    def __init__(self, port: int = 0, backlog: int = 16) -> None:
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", port))
+        self.listener.listen(backlog)
+        self.port: int = self.listener.getsockname()[1]
+        self.connections = 0
+        self._open: list[socket.socket] = []
+
+    def start(self) -> ThreadedServer:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._open.append(conn)
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # wakes the accepting thread, which holds the socket
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for conn in self._open:
+            with contextlib.suppress(OSError):
+                conn.close()
 
 
 @contextmanager

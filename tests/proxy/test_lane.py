@@ -13,10 +13,9 @@ from __future__ import annotations
 import asyncio
 import http.client
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -28,7 +27,7 @@ from egresslock.policy import compile_policy, parse_policy
 from egresslock.proxy.context import Limits, PolicyHolder, ProxyContext
 from egresslock.proxy.resolver import Resolver
 from egresslock.proxy.server import ProxyServer, make_listener
-from tests.proxy.servers import proxy_in_thread
+from tests.proxy.servers import ThreadedServer, proxy_in_thread
 
 pytestmark = pytest.mark.integration
 
@@ -39,29 +38,16 @@ def _ok(body: bytes, extra: bytes = b"") -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(ThreadedServer):
     """A loopback HTTP/1.1 server answering by path; it records every head it receives and
     counts its connections."""
 
     def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
+        super().__init__()
         self.heads: list[bytes] = []
-        self.connections = 0
-        self._open: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.start()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            self._open.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         buf = b""
         with conn:
             while True:
@@ -116,11 +102,6 @@ class ScriptedUpstream:
             conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
         return True
 
-    def close(self) -> None:
-        self.listener.close()
-        for conn in self._open:
-            with suppress(OSError):
-                conn.close()
 
 
 POLICY = """\

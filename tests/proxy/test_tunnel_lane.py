@@ -26,14 +26,14 @@ from egresslock.policy import compile_policy, parse_policy
 from egresslock.proxy.context import Limits, PolicyHolder, ProxyContext
 from egresslock.proxy.resolver import Resolver
 from egresslock.proxy.server import ProxyServer, make_listener
-from tests.proxy.servers import proxy_in_thread
+from tests.proxy.servers import ThreadedServer, proxy_in_thread
 
 pytestmark = pytest.mark.integration
 
 HTTPS_PORT = 8443  # a port where a tunnel must begin with TLS, and that needs no root to bind
 
 
-class Upstream:
+class Upstream(ThreadedServer):
     """A loopback TCP server: echoes what it receives (after a banner, if given) and records it.
 
     ``backlog=0`` with one connection left unaccepted fills its accept queue, so that the next
@@ -41,34 +41,11 @@ class Upstream:
     that does not complete at once, as to any upstream that is not next door."""
 
     def __init__(self, port: int = 0, banner: bytes = b"", backlog: int = 16) -> None:
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", port))
-        self.listener.listen(backlog)
-        self.port = self.listener.getsockname()[1]
+        super().__init__(port, backlog)
         self.banner = banner
         self.received: list[bytes] = []
-        self.connections = 0
-        self._open: list[socket.socket] = []
-        self.accepting = threading.Event()
-        self.accepting.set()
 
-    def start(self) -> Upstream:
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    def _accept(self) -> None:
-        while True:
-            self.accepting.wait()
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            self._open.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         got = bytearray()
         self.received.append(b"")
         index = len(self.received) - 1
@@ -82,14 +59,6 @@ class Upstream:
                     conn.sendall(data)
             except OSError:
                 return
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):  # wakes the accepting thread, which holds the socket
-            self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        for conn in self._open:
-            with contextlib.suppress(OSError):
-                conn.close()
 
 
 POLICY = """\
@@ -157,7 +126,8 @@ class Proxy:
 @contextlib.contextmanager
 def running_proxy(loop_kind: str, limits: Limits | None = None,
                   extra_ports: tuple[int, ...] = ()) -> Iterator[Proxy]:
-    upstream = Upstream().start()
+    upstream = Upstream()
+    upstream.start()
     ports = ", ".join(str(p) for p in (upstream.port, HTTPS_PORT, *extra_ports))
     policy = compile_policy(parse_policy(POLICY.format(ports=ports)))
     rows: list[AuditRecord] = []
@@ -272,7 +242,8 @@ def test_bytes_sent_along_with_the_connect_reach_the_upstream_first(proxy: Proxy
 
 
 def test_an_upstream_that_speaks_first_is_heard_after_the_short_wait(loop_kind: str) -> None:
-    banner = Upstream(banner=b"220 ready\r\n").start()
+    banner = Upstream(banner=b"220 ready\r\n")
+    banner.start()
     try:
         with running_proxy(loop_kind, extra_ports=(banner.port,)) as proxy:
             started = time.monotonic()
@@ -322,7 +293,8 @@ def test_a_client_that_sends_nothing_gets_408_once_the_head_timeout_passes(
 
 @pytest.fixture
 def https_proxy(loop_kind: str) -> Iterator[tuple[Proxy, Upstream]]:
-    tls_port = Upstream(port=HTTPS_PORT).start()  # plain TCP: the proxy never lets TLS through
+    tls_port = Upstream(port=HTTPS_PORT)  # plain TCP: the proxy never lets TLS through
+    tls_port.start()
     try:
         with running_proxy(loop_kind, Limits(hello_timeout=0.3)) as p:
             yield p, tls_port
@@ -414,6 +386,38 @@ def test_a_connect_still_in_progress_is_finished_on_a_task(loop_kind: str) -> No
             s.close()
             (row,) = proxy.wait_rows(1)
             assert (row.verdict, row.rule_id, row.bytes_out) == ("allow", "literal", 14)
+            assert proxy.server.lane_tunnels == 1
+            proxy.idle()
+    finally:
+        queued.close()
+        slow.close()
+
+
+def test_bytes_that_come_while_a_connect_is_in_progress_are_the_tunnel_s(
+        loop_kind: str) -> None:
+    """The lane hands a connect in progress to a task; bytes the client sends meanwhile are the
+    tunnel's first bytes, even when they look like another CONNECT, never a second tunnel."""
+    slow = Upstream(backlog=0)
+    queued = socket.create_connection(("127.0.0.1", slow.port))
+    try:
+        with running_proxy(loop_kind, extra_ports=(slow.port,)) as proxy:
+            threading.Timer(0.3, slow.start).start()
+            target = f"127.0.0.1:{slow.port}".encode()
+            head = b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target, target)
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+                time.sleep(0.1)  # the lane waits for the head
+                s.sendall(head)
+                time.sleep(0.1)  # the lane has dialled and handed the connect over
+                s.sendall(head)  # early bytes, not a request to the proxy
+                answer = s.recv(100)
+                assert answer == b"HTTP/1.1 200 Connection established\r\n\r\n"
+                got = b""
+                while len(got) < len(head):
+                    got += s.recv(100)
+                assert got == head  # echoed by the upstream: it was relayed
+            rows = proxy.wait_rows(1)
+            assert [(r.verdict, r.bytes_out) for r in rows] == [("allow", len(head))]
+            assert slow.connections == 2  # the queued connection and the tunnel's, no other
             assert proxy.server.lane_tunnels == 1
             proxy.idle()
     finally:

@@ -241,6 +241,7 @@ class TunnelLane:
 
     def _continue(self, work: Coroutine[Any, Any, Decision]) -> None:
         self.finished = True
+        self.client.handler = None  # the task reads the client from now on
         self.hand_over(self, work)
 
     # -- the client's first bytes ------------------------------------------------------------
