@@ -46,6 +46,8 @@ def test_slowloris_head_is_cut_off_with_408(proxy_factory: Callable[..., Running
 def test_connection_limit_answers_503(proxy_factory: Callable[..., RunningProxy]) -> None:
     p = proxy_factory(None, "--max-connections", "2")
     held = [socket.create_connection(("127.0.0.1", p.port), timeout=5) for _ in range(2)]
+    for s in held:  # a request begun: the kernel hands a connection over once bytes come
+        s.sendall(b"GET http://app.test/ HTTP/1.1\r\n")
     time.sleep(0.3)
     with socket.create_connection(("127.0.0.1", p.port), timeout=5) as third:
         third.sendall(b"GET http://app.test/ HTTP/1.1\r\nHost: app.test\r\n\r\n")

@@ -125,7 +125,8 @@ class Proxy:
 
 @contextlib.contextmanager
 def running_proxy(loop_kind: str, limits: Limits | None = None,
-                  extra_ports: tuple[int, ...] = ()) -> Iterator[Proxy]:
+                  extra_ports: tuple[int, ...] = (), defer_accept: bool = True
+                  ) -> Iterator[Proxy]:
     upstream = Upstream()
     upstream.start()
     ports = ", ".join(str(p) for p in (upstream.port, HTTPS_PORT, *extra_ports))
@@ -134,7 +135,7 @@ def running_proxy(loop_kind: str, limits: Limits | None = None,
     ctx = ProxyContext(PolicyHolder(None, policy), rows.append, Resolver(PINS),
                        limits or Limits())
     loop = uvloop.new_event_loop() if loop_kind == "uvloop" else asyncio.new_event_loop()
-    listener = make_listener("127.0.0.1", 0)
+    listener = make_listener("127.0.0.1", 0, defer_accept=defer_accept)
     server = ProxyServer(ctx)
     try:
         with proxy_in_thread(server, listener, loop):
@@ -275,7 +276,8 @@ def test_a_client_that_leaves_before_its_first_bytes_is_logged(proxy: Proxy) -> 
 
 def test_a_client_that_sends_nothing_gets_408_once_the_head_timeout_passes(
         loop_kind: str) -> None:
-    with running_proxy(loop_kind, Limits(head_timeout=0.5)) as proxy:
+    # Accepted at once (no deferral), so that the lane waits for the head itself.
+    with running_proxy(loop_kind, Limits(head_timeout=0.5), defer_accept=False) as proxy:
         started = time.monotonic()
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
             answer = s.recv(1000)
@@ -287,6 +289,35 @@ def test_a_client_that_sends_nothing_gets_408_once_the_head_timeout_passes(
         (row,) = proxy.wait_rows(1)
         assert row.reason == "no request within 0.5s"
         proxy.idle()
+
+
+def test_a_silent_client_is_handed_over_by_the_kernel_and_refused(loop_kind: str) -> None:
+    """With the accept deferred until the first bytes, the kernel still hands over a client
+    that sends none (after about a second), and the head timeout runs from there."""
+    with running_proxy(loop_kind, Limits(head_timeout=0.3)) as proxy:
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+            answer = s.recv(1000)
+        assert answer.startswith(b"HTTP/1.1 408")
+        assert time.monotonic() - started < 5
+        (row,) = proxy.wait_rows(1)
+        assert row.reason == "no request within 0.3s"
+        proxy.idle()
+
+
+def test_the_listener_defers_the_accept_until_the_first_bytes() -> None:
+    listener = make_listener("127.0.0.1", 0)
+    try:
+        with socket.create_connection(listener.getsockname()[:2], timeout=5) as s:
+            time.sleep(0.2)
+            with pytest.raises(BlockingIOError):
+                listener.accept()  # connected, but nothing sent: not handed over yet
+            s.sendall(b"CONNECT")
+            time.sleep(0.2)
+            accepted, _ = listener.accept()
+            accepted.close()
+    finally:
+        listener.close()
 
 
 # -- TLS on an HTTPS port -------------------------------------------------------------------------

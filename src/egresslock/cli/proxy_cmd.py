@@ -38,7 +38,9 @@ def parse_listen(value: str) -> tuple[str, int]:
 @click.option("--resolve", multiple=True, metavar="HOST:ADDR",
               help="Pin HOST to ADDR instead of asking DNS (repeatable).")
 @click.option("--metrics", metavar="HOST:PORT", help="Serve Prometheus metrics here.")
-@click.option("--max-connections", type=click.IntRange(1), default=4096, show_default=True)
+@click.option("--max-connections", type=click.IntRange(1), default=4096, show_default=True,
+              help="Connections served at once; more get 503. A connection counts once the "
+                   "kernel hands it over, when its first bytes have come (Linux).")
 @click.option("--connect-timeout", type=click.FloatRange(0.1), default=10.0, show_default=True)
 @click.option("--head-timeout", type=click.FloatRange(0.1), default=10.0, show_default=True,
               help="Seconds a request head may take to arrive in full (slowloris guard).")

@@ -281,6 +281,8 @@ def _network(spec: SandboxSpec) -> tuple[list[str], list[socket.socket]]:  # pra
                     continue  # IPv6 disabled on this host: nothing to capture there either
                 raise
             if kind == socket.SOCK_STREAM:
+                if role == "proxy":  # its clients speak first: see proxy.server.defer_until_data
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
                 sock.listen(1024)
             roles.append(role)
             socks.append(sock)
