@@ -338,6 +338,13 @@ class ProxyServer:
             ctx.log(tunnel_row(result, layer, "allow", "default",
                                f"tunnel failed: {exc or type(exc).__name__}"))
             return
+        except asyncio.CancelledError:  # the proxy stops: an allowed tunnel still gets its row
+            if result.decision is not None:
+                allowed = result.decision
+                result.ended = result.ended or "proxy stopped"
+                ctx.log(tunnel_row(result, layer, allowed.verdict.value, allowed.rule_id,
+                                   allowed.reason))
+            raise
         ctx.log(tunnel_row(result, layer, decision.verdict.value, decision.rule_id,
                            decision.reason))
 

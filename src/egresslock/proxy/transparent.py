@@ -159,5 +159,6 @@ async def handle_transparent(ctx: ProxyContext, client: Conn, dest: Destination,
     assert result.host is not None
     if not decision.allowed:
         raise TunnelDenied(decision.rule_id, decision.reason)
+    result.decision = decision
     return await run_tunnel(ctx, client, result.host, dest.port, decision, (dest.address,),
                             result, b"")
