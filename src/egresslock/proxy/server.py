@@ -1,9 +1,12 @@
-"""The proxy's accept loop and per-connection loop: the one place here that owns the event loop.
+"""The proxy's accept callback and per-connection loop: the one place here that owns the event loop.
 
-Each client connection reads request heads in a loop (keep-alive, pipelined requests served in
-order), hands each to the plain-HTTP or CONNECT handler, and writes exactly one audit row per
-request, whatever happened: allowed, denied, malformed, upstream failure. Limits (connections,
-head size, head time) are answered with a status and a row, never with silence.
+A new connection is offered to the tunnel lane first (:mod:`egresslock.proxy.tunnel_lane`),
+which opens the common CONNECT from callbacks; any other connection gets a task that reads
+request heads in a loop (keep-alive, pipelined requests served in order), hands each to the
+plain-HTTP or CONNECT handler (or the fast lane, :mod:`egresslock.proxy.lane`), and writes
+exactly one audit row per request or tunnel, whatever happened: allowed, denied, malformed,
+upstream failure, the proxy stopping. Limits (connections, head size, head time) are answered
+with a status and a row, never with silence.
 """
 
 from __future__ import annotations
