@@ -327,6 +327,18 @@ def tls_static_server(root: Path, leaf: Path, key: Path) -> Iterator[StaticServe
         server.server_close()
 
 
+def read_head(sock: socket.socket) -> bytes:
+    """What ``sock`` (plain or TLS) sends up to a blank line, and whatever came with it; short
+    of one if the peer closed first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def exchange_raw(port: int, data: bytes, timeout: float = 10.0) -> bytes:
     """Send ``data`` to 127.0.0.1:``port``, half-close, and read until the peer closes."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:

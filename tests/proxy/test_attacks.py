@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import require_sandbox
 from tests.proxy.conftest import RunningProxy, Upstreams
-from tests.proxy.servers import Recorder, exchange_raw, upload_past_refusal
+from tests.proxy.servers import Recorder, exchange_raw, read_head, upload_past_refusal
 
 pytestmark = pytest.mark.integration
 
@@ -140,13 +140,7 @@ def test_refusal_reaches_a_client_still_uploading(proxy: RunningProxy,
 def _connect(proxy: RunningProxy, target: bytes) -> tuple[socket.socket, bytes]:
     s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
     s.sendall(b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target, target))
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        head += chunk
-    return s, head
+    return s, read_head(s)
 
 
 def test_connect_with_mismatched_sni_is_reset(proxy: RunningProxy, upstreams: Upstreams) -> None:

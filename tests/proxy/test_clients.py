@@ -16,6 +16,7 @@ import requests
 
 from tests.conftest import require_tool
 from tests.proxy.conftest import RunningProxy, Upstreams
+from tests.proxy.servers import read_head
 
 pytestmark = pytest.mark.integration
 
@@ -126,9 +127,7 @@ def _upgrade_echo_server() -> tuple[socket.socket, threading.Thread]:
     def run() -> None:
         conn, _ = srv.accept()
         with conn:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += conn.recv(4096)
+            read_head(conn)
             conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
                          b"Upgrade: websocket\r\n\r\n")
             try:
@@ -152,9 +151,7 @@ def test_websocket_upgrade_allowed_by_rule_and_capped(proxy_factory) -> None:  #
     with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
         s.sendall(b"GET http://app.test:%d/ws HTTP/1.1\r\nHost: app.test:%d\r\n"
                   b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n" % (port, port))
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += s.recv(4096)
+        head = read_head(s)
         assert head.startswith(b"HTTP/1.1 101")
         s.sendall(b"frame-one!")
         assert s.recv(4096) == b"frame-one!"

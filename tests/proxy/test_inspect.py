@@ -25,7 +25,7 @@ import requests
 from egresslock.proxy.ca import LeafMinter, init_ca
 from tests.conftest import require_tool
 from tests.proxy.conftest import PINS, RunningProxy, Upstreams, start_proxy
-from tests.proxy.servers import make_ca, tls_echo_server, upload_past_refusal
+from tests.proxy.servers import make_ca, read_head, tls_echo_server, upload_past_refusal
 
 pytestmark = pytest.mark.integration
 
@@ -149,9 +149,7 @@ def _tunnel(proxy: RunningProxy, ca: Path, port: int) -> ssl.SSLSocket:
     raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
     raw.sendall(b"CONNECT secure.test:%d HTTP/1.1\r\nHost: secure.test:%d\r\n\r\n"
                 % (port, port))
-    reply = b""
-    while b"\r\n\r\n" not in reply:
-        reply += raw.recv(4096)
+    reply = read_head(raw)
     assert reply.startswith(b"HTTP/1.1 200")
     return ssl.create_default_context(cafile=str(ca)).wrap_socket(raw,
                                                                   server_hostname="secure.test")

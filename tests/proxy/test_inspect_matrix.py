@@ -16,7 +16,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +29,13 @@ from cryptography import x509
 from egresslock.proxy.ca import LeafMinter, init_ca
 from tests.conftest import require_sandbox, require_tool
 from tests.proxy.conftest import RunningProxy, Upstreams, start_proxy
-from tests.proxy.servers import make_ca, tls_echo_server, upload_past_refusal
+from tests.proxy.servers import (
+    ThreadedServer,
+    make_ca,
+    read_head,
+    tls_echo_server,
+    upload_past_refusal,
+)
 from tests.proxy.test_inspect import POLICY as INSPECT_POLICY
 from tests.proxy.test_inspect_clients import clean_env, undici  # noqa: F401  (fixture)
 
@@ -58,42 +63,27 @@ POLICY = INSPECT_POLICY + """\
 """
 
 
-class _TLSServer:
+class _TLSServer(ThreadedServer):
     """A loopback TLS server that serves each connection in a thread of its own."""
 
     def __init__(self, leaf: Path, key: Path) -> None:
+        super().__init__()
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(leaf, key)
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        self.sock.close()
+        self.start()
 
 
 class TLSRecorder(_TLSServer):
     """A TLS server that records every decrypted byte of each connection and answers nothing."""
 
     def __init__(self, leaf: Path, key: Path) -> None:
-        self.connections: list[bytearray] = []
+        self.streams: list[bytearray] = []  # the decrypted bytes of each connection
         self.finished = 0
         super().__init__(leaf, key)
 
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         got = bytearray()
-        self.connections.append(got)
+        self.streams.append(got)
         try:
             conn.settimeout(10)
             with self.ctx.wrap_socket(conn, server_side=True) as tls:
@@ -112,16 +102,12 @@ class TLSUpgradeEcho(_TLSServer):
         self.echoed = bytearray()
         super().__init__(leaf, key)
 
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         try:
             conn.settimeout(10)
             with self.ctx.wrap_socket(conn, server_side=True) as tls:
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    chunk = tls.recv(4096)
-                    if not chunk:
-                        return
-                    head += chunk
+                if not read_head(tls).endswith(b"\r\n\r\n"):
+                    return
                 tls.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
                             b"Upgrade: websocket\r\n\r\n")
                 while data := tls.recv(4096):
@@ -177,9 +163,7 @@ def _tunnel(s: Setup, host: str, port: int, alpn: list[str] | None = None) -> ss
     raw = socket.create_connection(("127.0.0.1", s.proxy.port), timeout=10)
     raw.sendall(b"CONNECT %s:%d HTTP/1.1\r\nHost: %s:%d\r\n\r\n"
                 % (host.encode(), port, host.encode(), port))
-    reply = b""
-    while b"\r\n\r\n" not in reply:
-        reply += raw.recv(4096)
+    reply = read_head(raw)
     assert reply.startswith(b"HTTP/1.1 200"), reply
     ctx = ssl.create_default_context(cafile=str(s.ca))
     if alpn:
@@ -302,7 +286,7 @@ def _wait_recorded(rec: TLSRecorder, count: int) -> None:
 
 def test_chunked_upload_over_limit_never_reaches_upstream_beyond_limit(setup: Setup) -> None:
     rec = setup.rec
-    start = len(rec.connections)
+    start = len(rec.streams)
     tls = _tunnel(setup, "rec.test", rec.port)
     with tls:
         out, _error = upload_past_refusal(
@@ -311,7 +295,7 @@ def test_chunked_upload_over_limit_never_reaches_upstream_beyond_limit(setup: Se
     assert out.startswith(b"HTTP/1.1 403"), out[:300]
     assert b"chunked upload stopped" in out
     _wait_recorded(rec, start + 1)
-    got = bytes(rec.connections[start])
+    got = bytes(rec.streams[start])
     head, sep, rest = got.partition(b"\r\n\r\n")
     assert sep, got[:300]
     assert head.startswith(b"PUT /upload/s HTTP/1.1")
@@ -322,14 +306,14 @@ def test_chunked_upload_over_limit_never_reaches_upstream_beyond_limit(setup: Se
 
 def test_streamed_python_upload_over_limit_upstream_view(setup: Setup) -> None:
     rec = setup.rec
-    start = len(rec.connections)
+    start = len(rec.streams)
     r = requests.put(f"https://rec.test:{rec.port}/upload/g",
                      data=(b"z" * 100 for _ in range(30)),
                      proxies={"https": setup.proxy.url}, verify=str(setup.ca), timeout=10)
     assert r.status_code == 403
     assert "chunked upload stopped" in r.headers["X-Egresslock-Deny"]
     _wait_recorded(rec, start + 1)
-    body, ended = _dechunk(bytes(rec.connections[start]).partition(b"\r\n\r\n")[2])
+    body, ended = _dechunk(bytes(rec.streams[start]).partition(b"\r\n\r\n")[2])
     assert len(body) <= 1000
     assert not ended
 
@@ -364,9 +348,7 @@ def test_websocket_inside_tunnel_allowed_relayed_and_capped(setup: Setup) -> Non
     with tls:
         tls.sendall(b"GET /ws HTTP/1.1\r\nHost: ws.test:%d\r\nConnection: Upgrade\r\n"
                     b"Upgrade: websocket\r\n\r\n" % ws.port)
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += tls.recv(4096)
+        head = read_head(tls)
         assert head.startswith(b"HTTP/1.1 101"), head
         tls.sendall(b"frame-one!")
         got = b""

@@ -21,7 +21,7 @@ from egresslock.policy import compile_policy, parse_policy
 from egresslock.proxy.context import Limits, PolicyHolder, ProxyContext
 from egresslock.proxy.resolver import Resolver
 from egresslock.proxy.server import ProxyServer, make_listener
-from tests.proxy.servers import proxy_in_thread
+from tests.proxy.servers import proxy_in_thread, read_head
 
 pytestmark = pytest.mark.integration
 
@@ -57,16 +57,6 @@ def upstream(behave: Callable[[socket.socket], None]) -> Iterator[Upstream]:
         listener.close()
         for conn in held:
             conn.close()
-
-
-def read_head(conn: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def answer_ok(conn: socket.socket) -> None:

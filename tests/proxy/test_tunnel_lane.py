@@ -26,7 +26,7 @@ from egresslock.policy import compile_policy, parse_policy
 from egresslock.proxy.context import Limits, PolicyHolder, ProxyContext
 from egresslock.proxy.resolver import Resolver
 from egresslock.proxy.server import ProxyServer, make_listener
-from tests.proxy.servers import ThreadedServer, proxy_in_thread
+from tests.proxy.servers import ThreadedServer, proxy_in_thread, read_head
 
 pytestmark = pytest.mark.integration
 
@@ -101,13 +101,7 @@ class Proxy:
             s.sendall(head[20:] + first)
         else:
             s.sendall(head + first)
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            data = s.recv(4096)
-            if not data:
-                break
-            answer += data
-        return s, answer
+        return s, read_head(s)
 
     def wait_rows(self, count: int) -> list[AuditRecord]:
         deadline = time.monotonic() + 5
