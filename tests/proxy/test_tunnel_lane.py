@@ -452,6 +452,26 @@ def test_bytes_that_come_while_a_connect_is_in_progress_are_the_tunnel_s(
         slow.close()
 
 
+def test_a_connect_that_never_completes_gets_504_at_the_connect_timeout(loop_kind: str) -> None:
+    full = Upstream(backlog=0)  # never accepts: its queue stays full, the SYN stays unanswered
+    queued = socket.create_connection(("127.0.0.1", full.port))
+    try:
+        with running_proxy(loop_kind, Limits(connect_timeout=0.5),
+                           extra_ports=(full.port,)) as proxy:
+            started = time.monotonic()
+            s, answer = proxy.connect(f"127.0.0.1:{full.port}")
+            s.close()
+            assert answer.startswith(b"HTTP/1.1 504")
+            assert 0.4 < time.monotonic() - started < 5
+            (row,) = proxy.wait_rows(1)
+            assert row.reason == f"connecting to 127.0.0.1:{full.port} timed out"
+            assert proxy.server.lane_tunnels == 1
+            proxy.idle()
+    finally:
+        queued.close()
+        full.close()
+
+
 def test_an_upstream_that_refuses_gets_502(loop_kind: str) -> None:
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused

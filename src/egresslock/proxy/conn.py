@@ -64,7 +64,8 @@ class Conn:
         self._wait_deadline: float | None = None
         self._reading = -1  # the fd registered with the loop for reading, or -1
         # Called (instead of waking a wait) when the socket is readable: set by the fast lane
-        # while it awaits a response here; the socket stays registered between its requests.
+        # and the tunnel lane while they wait on this socket from callbacks; the socket stays
+        # registered between their waits.
         self.handler: Callable[[], None] | None = None
 
     async def fill(self, deadline: float | None = None) -> bool:
@@ -305,7 +306,8 @@ async def finish_connect(attempt: Connecting, timeout: float) -> Conn:
     sock, err = attempt
     if err == errno.EINPROGRESS:
         try:
-            await _wait_connected(sock, timeout)
+            await wait_fd(asyncio.get_running_loop(), sock.fileno(), writable=True,
+                          timeout=timeout)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         except BaseException:
             sock.close()
@@ -321,26 +323,3 @@ def _writable_now(sock: socket.socket) -> bool:
     poll = select.poll()
     poll.register(sock, select.POLLOUT)
     return bool(poll.poll(0))
-
-
-async def _wait_connected(sock: socket.socket, timeout: float) -> None:
-    """Wait until a connecting socket is writable; TimeoutError after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-    loop.add_writer(fd, _set_done, fut, None)
-    timer = loop.call_later(timeout, _set_done, fut, TimeoutError())
-    try:
-        await fut
-    finally:
-        timer.cancel()
-        loop.remove_writer(fd)
-
-
-def _set_done(fut: asyncio.Future[None], exc: BaseException | None) -> None:
-    if fut.done():
-        return
-    if exc is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(exc)
