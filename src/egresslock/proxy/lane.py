@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from egresslock.content.engine import Prepared
 from egresslock.policy import Decision
@@ -69,6 +69,8 @@ from egresslock.proxy.http1 import (
 )
 
 Outcome = tuple[bool, Decision]
+K = TypeVar("K")
+V = TypeVar("V")
 # What the connection's task awaits for a request the lane handed over: the server wraps the
 # work in its own answer-and-log step (``ProxyServer._settle``).
 Settle = Callable[[RequestHead, Exchange, Coroutine[Any, Any, Outcome]],
@@ -146,16 +148,17 @@ class HeadMemo:
         return memo
 
     def remember(self, raw: bytes, answer: _Remembered) -> None:
-        if len(raw) <= self.MAX_HEAD:
-            if len(self.requests) >= self.MAX_ENTRIES:
-                self.requests.clear()
-            self.requests[raw] = answer
+        self._keep(self.requests, raw, raw, answer)
 
     def remember_tunnel(self, raw: bytes, plan: TunnelPlan) -> None:
+        self._keep(self.tunnels, raw, raw, plan)
+
+    def _keep(self, table: dict[K, V], raw: bytes, key: K, value: V) -> None:
+        """Store a head's answer within the memo's bounds (see the class docstring)."""
         if len(raw) <= self.MAX_HEAD:
-            if len(self.tunnels) >= self.MAX_ENTRIES:
-                self.tunnels.clear()
-            self.tunnels[raw] = plan
+            if len(table) >= self.MAX_ENTRIES:
+                table.clear()
+            table[key] = value
 
     def response(self, raw: bytes, head_method: bool
                  ) -> tuple[ResponseHead, Framing, bytes, bytes]:
@@ -168,10 +171,7 @@ class HeadMemo:
             framing = response_framing(resp, "HEAD" if head_method else "GET")
             found = (resp, framing, response_head(resp, framing, True),
                      response_head(resp, framing, False))
-            if len(raw) <= self.MAX_HEAD:
-                if len(self.responses) >= self.MAX_ENTRIES:
-                    self.responses.clear()
-                self.responses[key] = found
+            self._keep(self.responses, raw, key, found)
         return found
 
 

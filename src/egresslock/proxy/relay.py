@@ -91,7 +91,7 @@ class _Pump:
         except OSError as exc:
             self._end(exc)
             return
-        except Exception as exc:  # a bug: the awaiting task raises it, the tunnel ends
+        except Exception as exc:  # a bug: the tunnel ends, and its owner is told why
             self.relay.fail(exc)
             return
         if self._use_splice and self._copied >= SPLICE_AFTER and not self._buffer:

@@ -27,6 +27,7 @@ the proxy) writes the audit row the coroutine path writes, built by the same fun
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -85,7 +86,7 @@ class TunnelLane:
         self.upstream: Conn | None = None
         self.relay: Relay | None = None
         self.stats: RelayStats | None = None
-        self.timer: Any = None
+        self.timer: asyncio.TimerHandle | None = None
         self.tls_required = False
         self.finished = False  # the connection is closed or handed over
         self.action_port: int | None = None
