@@ -19,7 +19,9 @@ nothing competes with the proxies inside one interpreter. Measured, for each tar
 2. one CONNECT tunnel moving 1 GiB upstream → client: MB/s, and the proxy's CPU-seconds per GiB
    (utime+stime from /proc of the proxy and all its descendants, before and after);
 3. new-tunnel latency over sequential tunnels: connect, CONNECT, ``200``, one echo round trip;
-   minus the same without a proxy (connect, echo) gives the latency a proxy adds;
+   minus the same without a proxy (connect, echo) gives the latency a proxy adds. One client
+   measures all targets, interleaved in blocks of ten tunnels, so the baseline is taken under
+   the same machine state as each proxy;
 4. small keep-alive GETs over HTTPS (an nginx ``ssl`` server with a certificate from a test CA
    made here), through an uninspected CONNECT tunnel, and with the TLS intercepted (egresslock with
    an ``inspect: true`` rule, and a third mitmdump that intercepts): requests/s, p50/p99 latency
@@ -47,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +62,8 @@ MIB = 1 << 20
 HTTP_BODY = b"egresslock bench: small keep-alive response body, 64 bytes long.\n"[:64]
 SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 
+# New tunnels in a row through one target before the latency client moves to the next.
+LATENCY_BLOCK = 10
 TARGET_NAMES = ("direct", "egresslock", "squid", "tinyproxy", "mitmproxy")
 # HTTPS: the upstream certificate names both; egresslock's policy has a host-only rule for the
 # first (an opaque tunnel) and an `inspect: true` rule for the second.
@@ -228,15 +233,22 @@ def throughput_main(proxy: tuple[str, int] | None, target: tuple[str, int], nbyt
     print(json.dumps({"bytes": got, "seconds": elapsed}), flush=True)
 
 
-def latency_main(proxy: tuple[str, int] | None, target: tuple[str, int], count: int,
-                 warmup: int, timeout: float) -> None:
-    """``count`` sequential new tunnels, each with one echo round trip; print the µs of each."""
+def latency_main(routes: list[tuple[str, tuple[str, int] | None]], target: tuple[str, int],
+                 count: int, warmup: int, block: int, timeout: float) -> None:
+    """``count`` new tunnels per route, each with one echo round trip; print the µs of each.
+
+    After ``warmup`` uncounted tunnels per route, the routes take turns: ``block`` sequential
+    tunnels through one, then the next, in a new random order every round. The first tunnel of
+    a block follows another route's tunnel and is not counted. So every route is measured under
+    the same machine state, and the difference between a proxy and the direct route is what the
+    proxy adds, not how the machine drifted between two phases of the run (on the 2-CPU test
+    machine the direct route's p50 moved by half from one second to the next).
+    """
+    import random
+
     ping = b"PING egresslock-bench\n"
-    samples: list[float] = []
-    deadline = time.monotonic() + timeout
-    for i in range(warmup + count):
-        if time.monotonic() > deadline:
-            break
+
+    def one(name: str, proxy: tuple[str, int] | None) -> float:
         t0 = time.perf_counter_ns()
         sock, rest = _open_tunnel(proxy, target, 10.0)
         sock.sendall(ping)
@@ -244,13 +256,38 @@ def latency_main(proxy: tuple[str, int] | None, target: tuple[str, int], count: 
         while len(echo) < len(ping):
             data = sock.recv(4096)
             if not data:
-                raise ConnectionError("tunnel closed before the echo")
+                raise ConnectionError(f"{name}: tunnel closed before the echo")
             echo += data
         t1 = time.perf_counter_ns()
         sock.close()
-        if i >= warmup:
-            samples.append((t1 - t0) / 1000.0)
-    print(json.dumps({"samples_us": samples}), flush=True)
+        return (t1 - t0) / 1000.0
+
+    samples: dict[str, list[float]] = {name: [] for name, _ in routes}
+    errors: dict[str, str] = {}
+    order = list(routes)
+    for name, proxy in routes:
+        try:
+            for _ in range(warmup):
+                one(name, proxy)
+        except OSError as exc:  # one failing route must not end the others' measurement
+            errors[name] = str(exc)[:200]
+            order.remove((name, proxy))
+    rng = random.Random(0x5EED)  # the same sequence of orders in every run
+    deadline = time.monotonic() + timeout
+    while order and time.monotonic() < deadline:
+        rng.shuffle(order)
+        for name, proxy in list(order):
+            try:
+                for i in range(block + 1):
+                    took = one(name, proxy)
+                    if i:
+                        samples[name].append(took)
+            except OSError as exc:
+                errors[name] = str(exc)[:200]
+                order.remove((name, proxy))
+            if len(samples[name]) >= count and (name, proxy) in order:
+                order.remove((name, proxy))
+    print(json.dumps({"samples_us": samples, "errors": errors}), flush=True)
 
 
 def make_test_ca(directory: Path, hosts: list[str]) -> tuple[Path, Path, Path]:
@@ -960,10 +997,11 @@ end
                 return r
         raise RuntimeError(f"wrk printed no result: {_one_line(out.stderr or out.stdout)}")
 
-    def client(self, mode: str, t: Target, *extra: str, timeout: float) -> dict[str, Any]:
+    def client(self, mode: str, t: Target | None, *extra: str, timeout: float) -> dict[str, Any]:
+        """Run this file as the ``mode`` client (through ``t``'s tunnel port when given)."""
         argv = [sys.executable, str(Path(__file__).resolve()), mode,
                 "--target", f"{LOOPBACK}:{self.upstream_tunnel}", "--timeout", f"{timeout:g}"]
-        if t.tunnel_port is not None:
+        if t is not None and t.tunnel_port is not None:
             argv += ["--proxy", f"{LOOPBACK}:{t.tunnel_port}"]
         out = subprocess.run(argv + list(extra), capture_output=True, text=True,
                              timeout=timeout + 30, check=False)
@@ -1009,18 +1047,30 @@ end
         self.log(f"{t.name}: tunnel {r['mb_s']:.0f} MB/s"
                  + (f", {r['cpu_s_per_gib']:.3f} CPU-s/GiB" if pid else ""))
 
-    def measure_latency(self, t: Target) -> None:
-        res = self.results[t.name]
+    def measure_latency(self, targets: list[Target]) -> None:
+        """New-tunnel latency of all targets in one client run, their tunnels interleaved (see
+        ``latency_main``), so that the direct route is a baseline taken under the same load."""
         n = self.args.tunnels
-        r = self.client("_latency", t, "--count", str(n), "--warmup", str(min(50, n // 5 + 1)),
-                        timeout=max(60.0, n * 0.2))
-        s = sorted(r["samples_us"])
-        if not s:
-            raise RuntimeError("no tunnel completed")
-        res["latency"] = {"count": len(s), "p50_us": _pct(s, 50), "p99_us": _pct(s, 99),
-                          "mean_us": statistics.fmean(s)}
-        self.log(f"{t.name}: new tunnel p50 {res['latency']['p50_us']:.0f} µs, "
-                 f"p99 {res['latency']['p99_us']:.0f} µs ({len(s)} tunnels)")
+        routes = [f"{t.name}={LOOPBACK}:{t.tunnel_port}" if t.tunnel_port is not None
+                  else t.name for t in targets]
+        r = self.client("_latency", None, "--count", str(n), "--warmup",
+                        str(min(50, n // 5 + 1)), "--block", str(LATENCY_BLOCK),
+                        *[arg for route in routes for arg in ("--route", route)],
+                        timeout=max(60.0, n * 0.05 * len(targets)))
+        for t in targets:
+            res = self.results[t.name]
+            if t.name in r["errors"]:
+                res["latency_error"] = r["errors"][t.name]
+                self.log(f"{t.name}: latency failed: {r['errors'][t.name]}")
+                continue
+            s = sorted(r["samples_us"][t.name])
+            if not s:
+                res["latency_error"] = "no tunnel completed"
+                continue
+            res["latency"] = {"count": len(s), "p50_us": _pct(s, 50), "p99_us": _pct(s, 99),
+                              "mean_us": statistics.fmean(s)}
+            self.log(f"{t.name}: new tunnel p50 {res['latency']['p50_us']:.0f} µs, "
+                     f"p99 {res['latency']['p99_us']:.0f} µs ({len(s)} tunnels)")
 
     def measure_https(self, t: Target, phase: str) -> None:
         """Keep-alive GETs over HTTPS by the ``_https`` client; the proxy's CPU in its window."""
@@ -1079,19 +1129,27 @@ end
         self.start_upstream()
         self.start_all()
         phases = (("http", self.measure_http), ("tunnel", self.measure_throughput),
-                  ("latency", self.measure_latency),
+                  ("latency", None),
                   ("https_tunnel", self.measure_https_tunnel),
                   ("https_inspect", self.measure_https_inspect))
         for phase, fn in phases:
-            for name in TARGET_NAMES:
-                t = self.targets[name]
-                if t.missing or f"{phase}_error" in self.results[name]:
-                    continue
+            targets = [self.targets[name] for name in TARGET_NAMES
+                       if not self.targets[name].missing
+                       and f"{phase}_error" not in self.results[name]]
+            if fn is None:  # the latency phase measures all targets at once
+                try:
+                    self.measure_latency(targets)
+                except Exception as exc:
+                    self.log(f"{phase} failed: {exc}")
+                    for t in targets:
+                        self.results[t.name][f"{phase}_error"] = str(exc)[:200]
+                continue
+            for t in targets:
                 try:
                     fn(t)
                 except Exception as exc:  # one failed measurement must not end the run
-                    self.log(f"{name}: {phase} failed: {exc}")
-                    self.results[name][f"{phase}_error"] = str(exc)[:200]
+                    self.log(f"{t.name}: {phase} failed: {exc}")
+                    self.results[t.name][f"{phase}_error"] = str(exc)[:200]
         direct = self.results["direct"].get("latency")
         for name in TARGET_NAMES:
             lat = self.results[name].get("latency")
@@ -1158,7 +1216,7 @@ def _loadavg() -> str:
         return "?"
 
 
-def _pct(sorted_values: list[float], p: float) -> float:
+def _pct(sorted_values: Sequence[float], p: float) -> float:
     k = (len(sorted_values) - 1) * p / 100.0
     lo = int(k)
     hi = min(lo + 1, len(sorted_values) - 1)
@@ -1290,7 +1348,7 @@ def _render(bench: Bench, names: list[str], cell: Any, verdicts: dict[str, str]
         ("proxy CPU-seconds per GiB tunnelled",
          [cell(n, "tunnel", "cpu_s_per_gib", fmt="{:.3f}", proxy_only=True) for n in names],
          "egresslock ≤ Squid", verdicts["cpu"]),
-        (f"new tunnel + 1 echo, p50 µs ({a.tunnels} sequential)",
+        (f"new tunnel + 1 echo, p50 µs ({a.tunnels} per target, interleaved)",
          [cell(n, "latency", "p50_us") for n in names], "", ""),
         ("new tunnel + 1 echo, p99 µs", [cell(n, "latency", "p99_us") for n in names], "", ""),
         ("added new-tunnel latency p50, µs (vs direct)",
@@ -1442,6 +1500,9 @@ def internal_main(argv: list[str]) -> int:
     p.add_argument("--target", type=_addr)
     p.add_argument("--bytes", type=int, default=GIB)
     p.add_argument("--count", type=int, default=500)
+    p.add_argument("--block", type=int, default=LATENCY_BLOCK)
+    p.add_argument("--route", action="append", default=[],
+                   help="NAME=HOST:PORT of a proxy, or NAME alone for no proxy (_latency)")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--tls-cert")
@@ -1461,7 +1522,9 @@ def internal_main(argv: list[str]) -> int:
     elif a.mode == "_throughput":
         throughput_main(a.proxy, a.target, a.bytes, a.timeout)
     else:
-        latency_main(a.proxy, a.target, a.count, a.warmup, a.timeout)
+        routes = [(name, _addr(addr) if addr else None)
+                  for name, _, addr in (r.partition("=") for r in a.route)]
+        latency_main(routes, a.target, a.count, a.warmup, max(a.block, 1), a.timeout)
     return 0
 
 
