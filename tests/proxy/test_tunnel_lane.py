@@ -23,6 +23,7 @@ import uvloop
 
 from egresslock.audit import AuditRecord
 from egresslock.policy import compile_policy, parse_policy
+from egresslock.proxy import tunnel_lane
 from egresslock.proxy.context import Limits, PolicyHolder, ProxyContext
 from egresslock.proxy.resolver import Resolver
 from egresslock.proxy.server import ProxyServer, make_listener
@@ -505,3 +506,25 @@ def test_a_proxy_that_stops_logs_its_open_tunnels(loop_kind: str) -> None:
     for s in (lane, task):
         assert was_reset(s)
         s.close()
+
+
+def test_a_closed_tunnel_is_settled_a_moment_later_with_the_time_it_ended(
+        loop_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Long enough to look at the tunnel between its end and its settling.
+    monkeypatch.setattr(tunnel_lane, "SETTLE_SECONDS", 30.0)
+    with running_proxy(loop_kind) as proxy:
+        s, _ = proxy.connect(f"127.0.0.1:{proxy.upstream.port}")
+        assert echo_round(s, b"bye") == b"bye"
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(10) == b""  # both sides closed: the tunnel has ended
+        ended = time.time()
+        s.close()
+        time.sleep(0.2)
+        assert proxy.rows == []  # not yet written: the descriptors are still held
+        assert proxy.ctx.active_connections == 1
+        time.sleep(0.3)
+    # The proxy stopped before the tunnel settled: the row says how it really ended, and when.
+    (row,) = proxy.rows
+    assert (row.verdict, row.bytes_out, row.extra) == ("allow", 3, {"ended": "closed"})
+    assert ended - 0.2 < row.time <= ended
+    assert proxy.ctx.active_connections == 0

@@ -10,6 +10,7 @@ connection before a byte reaches upstream, and the log says why.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 from egresslock.audit import AuditRecord
@@ -49,6 +50,7 @@ class TunnelResult:
     ended: str = ""
     transparent: bool = False  # redirected by nftables, not asked for with CONNECT
     decision: Decision | None = None  # once the tunnel is allowed
+    ended_at: float | None = None  # when it ended, if its row is written later (epoch seconds)
 
 
 def parse_connect_target(head: RequestHead) -> tuple[str, int]:
@@ -273,5 +275,6 @@ def tunnel_row(result: TunnelResult, layer: str, verdict: str, rule_id: str, rea
                        method=None if result.transparent else "CONNECT", host=result.host,
                        port=result.port,
                        address=result.address, bytes_out=result.bytes_out,
-                       bytes_in=result.bytes_in, protocol="tcp", extra=extra or None)
+                       bytes_in=result.bytes_in, protocol="tcp", extra=extra or None,
+                       time=result.ended_at or time.time())
 
