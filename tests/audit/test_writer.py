@@ -143,6 +143,19 @@ def test_batches_hold_at_most_max_batch_rows(db: Path) -> None:
         assert log.stats.transactions == 10
 
 
+def test_a_flush_behind_full_batches_does_not_wait_for_the_interval(db: Path) -> None:
+    # 25 records and a flush: two full batches of 10, then a partial one with the flush
+    # behind it. The flush's wake-up may come while the first batch is collected; it must
+    # still end the wait of the third.
+    with AuditLog(db, flush_interval=60, max_batch=10) as log:
+        for _ in range(20):
+            for _ in range(25):
+                log.record(rec())
+            started = time.monotonic()
+            log.flush()
+            assert time.monotonic() - started < 10
+
+
 def test_a_burst_is_one_transaction(db: Path) -> None:
     with AuditLog(db, flush_interval=0.3, max_batch=512) as log:
         for _ in range(50):

@@ -214,6 +214,12 @@ class _Writer:
             if isinstance(item, _Flush):
                 return batch, item
             batch.append(item)
+        else:
+            # Full, with more behind it: the next batch does not wait either. (Its wake-up may
+            # have come already and been cleared above: a flush queued behind a full batch
+            # would otherwise wait a whole interval.)
+            if not self.queue.empty():
+                self.wake.set()
         return batch, None
 
     def _prepare(self, rec: AuditRecord) -> None:
