@@ -526,5 +526,5 @@ def test_a_closed_tunnel_is_settled_a_moment_later_with_the_time_it_ended(
     # The proxy stopped before the tunnel settled: the row says how it really ended, and when.
     (row,) = proxy.rows
     assert (row.verdict, row.bytes_out, row.extra) == ("allow", 3, {"ended": "closed"})
-    assert ended - 0.2 < row.time <= ended
+    assert abs(row.time - ended) < 0.1  # not the time it was stopped, half a second later
     assert proxy.ctx.active_connections == 0
