@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import signal
+import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -162,3 +165,67 @@ def test_twenty_thousand_requests_each_logged_once(loaded: tuple[RunningProxy, U
                              str(Path(proxy.audit))], capture_output=True, text=True,
                             timeout=300, check=False)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(") ", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_proxy_killed_while_its_database_is_locked_loses_no_row(tmp_path: Path) -> None:
+    """The audit writer is a process of its own: rows the proxy has passed to it outlive a
+    SIGKILL of the proxy, even while another process holds the database's write lock."""
+    up = Upstream()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "version: 1\nnetwork: {allow_ranges: ['127.0.0.1/32']}\nrules:\n"
+        f"  - id: web\n    host: web.test\n    ports: [{up.http_port}]\n    methods: [GET]\n")
+    db = tmp_path / "audit.db"
+    proxy = start_proxy(policy, db, "--resolve", "web.test:127.0.0.1")
+    errors: list[str] = []
+    try:
+        (writer,) = _children(proxy.proc.pid)
+        lock = sqlite3.connect(db, isolation_level=None, timeout=10)
+        lock.execute("BEGIN IMMEDIATE")  # nothing can be committed until it is released
+
+        async def run() -> None:
+            target = b"web.test:%d" % up.http_port
+            await asyncio.wait_for(asyncio.gather(
+                *(_requests(proxy.port, target, 200, errors) for _ in range(10))), 120)
+
+        asyncio.run(run())
+        time.sleep(0.5)  # ten flush intervals: every row has been passed to the writer
+        proxy.proc.send_signal(signal.SIGKILL)
+        proxy.proc.wait(10)
+        assert writer_alive(writer)  # it outlives the proxy, waiting for the lock
+        lock.execute("ROLLBACK")
+        lock.close()
+        deadline = time.monotonic() + 60
+        while writer_alive(writer) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not writer_alive(writer)
+    finally:
+        proxy.stop()
+        up.stop()
+    assert errors == []
+    rows = [r for r in proxy.rows() if r["method"] == "GET"]
+    assert len(rows) == 2000
+    verify = subprocess.run([sys.executable, "-m", "egresslock", "audit", "verify", "--db",
+                             str(db)], capture_output=True, text=True, timeout=300, check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def writer_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(") ", 1)[1][0] != "Z"  # a zombie has finished

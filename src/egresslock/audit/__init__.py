@@ -8,6 +8,7 @@ audit``) query it while the proxy runs. Modules:
 - :mod:`~egresslock.audit.record`  the row (``AuditRecord`` in, ``AuditRow`` stored), the chain hash
 - :mod:`~egresslock.audit.schema`  the file: path, schema version, pragmas, connections
 - :mod:`~egresslock.audit.writer`  ``AuditLog``: queue, batching, errors, the loss bound
+- :mod:`~egresslock.audit.process`  ``ProcessAuditLog``: the same writer in a child process
 - :mod:`~egresslock.audit.reader`  filters, listing, following
 - :mod:`~egresslock.audit.verify`  walking the chain
 

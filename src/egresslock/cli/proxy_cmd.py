@@ -67,7 +67,8 @@ def proxy(policy_file: Path, listen: str, audit_path: Path | None, resolve: tupl
     ready. SIGHUP, or a change to the policy file, reloads the policy; a bad new policy is
     refused with its errors and the old one stays in force.
     """
-    from egresslock.audit import AuditLog, default_db_path
+    from egresslock.audit import default_db_path
+    from egresslock.audit.process import ProcessAuditLog
     from egresslock.proxy.context import Limits, PolicyHolder, ProxyContext
     from egresslock.proxy.metrics import ProxyMetrics
     from egresslock.proxy.resolver import Resolver, parse_pins
@@ -86,7 +87,7 @@ def proxy(policy_file: Path, listen: str, audit_path: Path | None, resolve: tupl
                     head_timeout=head_timeout, idle_timeout=idle_timeout,
                     tunnel_idle_timeout=tunnel_idle_timeout)
     proxy_metrics = ProxyMetrics() if metrics else None
-    audit = AuditLog(audit_path or default_db_path())
+    audit = ProcessAuditLog(audit_path or default_db_path())
     ctx = ProxyContext(holder, audit.record, Resolver(pins), limits, proxy_metrics,
                        upstream_ca=str(upstream_ca) if upstream_ca else None)
     ctx.minter = _minter(ctx, ca_dir)

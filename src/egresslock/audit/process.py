@@ -1,0 +1,498 @@
+"""The audit writer in a process of its own: what ``egresslock proxy`` logs through.
+
+:class:`~egresslock.audit.writer.AuditLog` prepares, hashes and inserts rows on a thread of the
+caller's process, about 15 µs of Python per row. In the proxy that thread and the event loop's
+take turns at the interpreter's lock: over 2,001 new tunnels in a row, strace counted 3,752
+futex calls, and an event that arrives while the writer holds the lock waits until the writer's
+next pause. :class:`ProcessAuditLog` runs that same writer in a child process instead. The
+caller's side only encodes each record (``marshal``, about a microsecond) and puts it on a
+queue; a feeder thread passes the queue to the child through a pipe once per ``flush_interval``
+(or as soon as ``max_batch`` records wait), one write for the lot. The child, ``python -m
+egresslock.audit.process``, decodes the records and hands them to an ``AuditLog`` of its own,
+which commits them at once (they come already gathered): the same hashing, retries and bounds.
+
+Loss bound. The child reads its pipe to the end whatever happens to its parent, and ignores
+SIGINT, SIGTERM and SIGHUP: it ends when its parent closes the pipe, by :meth:`close` or by
+dying. So when the proxy is killed, SIGKILL included, what the pipe held is still committed
+(while the database is locked or full, the child keeps trying for :data:`DRAIN_SECONDS`);
+what is lost is what the feeder had not passed on, the records of the last ``flush_interval``
+at most. If the child dies, the log says so, counts the records the child had not confirmed as
+possibly lost, and goes on writing from the caller's process with an in-process ``AuditLog``.
+
+Messages are frames: a 4-byte length, a kind byte, a ``marshal`` payload. Parent to child:
+``r`` a record (the :class:`~egresslock.audit.record.AuditRecord` fields in order), ``f`` a
+flush request (its number). Child to parent: ``s`` the writer's counters (written,
+transactions, waiting, dropped, last error), with the number of the flush they answer or -1;
+``e`` the same, last, with the rows ``close`` could not write. Both ends are this package, run by
+the same interpreter, so ``marshal`` is a fit: fast, and for plain values only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import itertools
+import json
+import logging
+import marshal
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from egresslock.audit.record import AuditRecord, stored_values
+from egresslock.audit.schema import open_for_writing
+from egresslock.audit.writer import AuditLog, AuditStats, new_run_id
+from egresslock.errors import AuditError
+
+log = logging.getLogger("egresslock.audit")
+
+_FRAME = struct.Struct("<I")
+_F_SETPIPE_SZ = 1031
+_PIPE_SIZE = 1 << 20  # room for a few thousand records while the child catches up
+_RECORD, _FLUSH, _STATS, _END = b"r", b"f", b"s", b"e"
+# How long the child, its input ended, keeps trying to commit what it holds.
+DRAIN_SECONDS = 60.0
+
+
+def _fields(rec: AuditRecord) -> bytes:
+    """The record's fields, marshalled; values marshal cannot hold (an enum, an object in
+    ``extra``) become what the database would store anyway, so the row is the same."""
+    extra = rec.extra
+    try:
+        values: Any = (rec.layer, rec.verdict, rec.rule_id, rec.reason, rec.host, rec.port,
+                       rec.method, rec.path, rec.address, rec.bytes_out, rec.bytes_in, rec.pid,
+                       rec.uid, rec.protocol, None if extra is None else dict(extra), rec.time)
+        return marshal.dumps(values)
+    except ValueError:
+        (when, _run, layer, verdict, rule_id, reason, method, host, port, path, address,
+         bytes_out, bytes_in, pid, uid, protocol, extra_json) = stored_values(rec, "")
+        values = (layer, verdict, rule_id, reason, host, port, method, path, address, bytes_out,
+                  bytes_in, pid, uid, protocol,
+                  None if extra_json is None else json.loads(str(extra_json)), when)
+        return marshal.dumps(values)
+
+
+def _loads(payload: bytes) -> Any:
+    # S302: marshal is unsafe for data an attacker made. These bytes come only from the other
+    # end of a private pipe (O_CLOEXEC, held by this package's two processes), and no code
+    # object is ever run.
+    return marshal.loads(payload)  # noqa: S302
+
+
+def _frame(kind: bytes, payload: bytes) -> bytes:
+    return _FRAME.pack(len(payload) + 1) + kind + payload
+
+
+def _frames(buf: bytearray) -> list[tuple[bytes, bytes]]:
+    """Take the whole frames off the front of ``buf``."""
+    out, at = [], 0
+    while len(buf) - at >= _FRAME.size:
+        (size,) = _FRAME.unpack_from(buf, at)
+        end = at + _FRAME.size + size
+        if len(buf) < end:
+            break
+        out.append((bytes(buf[at + 4 : at + 5]), bytes(buf[at + 5 : end])))
+        at = end
+    del buf[:at]
+    return out
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class _Waiter:
+    __slots__ = ("done", "ok")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.ok = False
+
+
+class ProcessAuditLog:
+    """An audit log written by a child process; see the module docstring.
+
+    Offers what a long-running, busy caller needs of :class:`~egresslock.audit.AuditLog`, with
+    the same arguments and meanings: :meth:`record`, :meth:`flush`, :meth:`close`,
+    :attr:`stats`, :attr:`last_error`, :attr:`run_id`. Opening checks the database (creating it
+    and its schema) in the caller, so that a bad path fails here, with :class:`AuditError`.
+    """
+
+    def __init__(self, path: str | Path, run_id: str | None = None, *,
+                 flush_interval: float = 0.05, max_batch: int = 512,
+                 max_pending: int = 100_000, busy_timeout: float = 5.0) -> None:
+        if flush_interval < 0 or max_batch < 1 or max_pending < 1:
+            raise AuditError(f"flush_interval {flush_interval!r} must be >= 0, max_batch "
+                             f"{max_batch!r} and max_pending {max_pending!r} must be >= 1")
+        self.path = Path(path)
+        self.run_id = run_id or new_run_id()
+        self._settings = (flush_interval, max_batch, max_pending, busy_timeout)
+        open_for_writing(self.path, busy_timeout).close()
+        self._queue: deque[bytes] = deque()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()  # the fallback switch, the waiters, the counters
+        self._feeding = threading.Lock()  # one passes the queue on at a time, in order
+        self._waiters: dict[int, _Waiter] = {}
+        self._numbers = itertools.count(1)
+        self._stats = AuditStats(0, 0, 0, 0)
+        self._last_error: AuditError | None = None
+        self._sent = 0  # records passed to the child
+        self._dropped = 0  # records this side dropped (queue full, after close)
+        self._lost = 0  # rows close() reported unwritten, or the child left unconfirmed
+        self._fallback: AuditLog | None = None
+        self._closing = self._closed = False
+        child_in, self._to_child = os.pipe2(os.O_CLOEXEC)
+        self._from_child, child_out = os.pipe2(os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # a smaller pipe only means more, shorter writes
+            fcntl.fcntl(self._to_child, _F_SETPIPE_SZ, _PIPE_SIZE)
+        try:
+            self._child = subprocess.Popen(
+                [sys.executable, "-m", "egresslock.audit.process", str(child_in),
+                 str(child_out), str(self.path), self.run_id,
+                 *(repr(value) for value in self._settings)],
+                pass_fds=(child_in, child_out), stdin=subprocess.DEVNULL,
+                start_new_session=True)
+        except OSError as exc:
+            for fd in (self._to_child, self._from_child):
+                os.close(fd)
+            raise AuditError(f"cannot start the audit writer process: {exc}") from exc
+        finally:
+            os.close(child_in)
+            os.close(child_out)
+        self._feeder = threading.Thread(target=self._feed, daemon=True,
+                                        name=f"egresslock-audit-feed-{self.run_id}")
+        self._reader = threading.Thread(target=self._read, daemon=True,
+                                        name=f"egresslock-audit-read-{self.run_id}")
+        self._feeder.start()
+        self._reader.start()
+        self._finalizer = weakref.finalize(self, _close_quietly, weakref.ref(self))
+
+    # -- the caller's side ------------------------------------------------------------------
+
+    @property
+    def last_error(self) -> AuditError | None:
+        """The most recent failure: the child's, this side's, or the fallback's."""
+        fallback = self._fallback
+        if fallback is not None and fallback.last_error is not None:
+            return fallback.last_error
+        return self._last_error
+
+    @property
+    def stats(self) -> AuditStats:
+        """The counters as the child last reported them, plus what waits on this side."""
+        s, fallback = self._stats, self._fallback
+        if fallback is not None:
+            f = fallback.stats
+            s = AuditStats(s.written + f.written, s.transactions + f.transactions,
+                           f.pending, s.dropped + f.dropped)
+        return AuditStats(s.written, s.transactions, s.pending + len(self._queue),
+                          s.dropped + self._dropped)
+
+    def record(self, rec: AuditRecord) -> None:
+        """Queue ``rec`` for the writer process. Thread-safe, no I/O, never raises."""
+        fallback = self._fallback
+        if fallback is not None:
+            fallback.record(rec)
+        elif self._closing:
+            self._drop("record() after close()")
+        elif len(self._queue) >= self._settings[2]:
+            self._drop(f"more than {self._settings[2]} records queued")
+        else:
+            payload = _fields(rec)
+            self._queue.append(_FRAME.pack(len(payload) + 1) + _RECORD + payload)
+            if len(self._queue) >= self._settings[1]:
+                self._wake.set()
+
+    def flush(self) -> None:
+        """Block until every record queued before this call is committed.
+
+        Raises :class:`AuditError` when they could not be written."""
+        if self._closed:
+            return
+        number = next(self._numbers)
+        waiter = _Waiter()
+        with self._lock:
+            fallback = self._fallback
+            if fallback is None:
+                self._waiters[number] = waiter
+                self._queue.append(_frame(_FLUSH, marshal.dumps(number)))
+        if fallback is not None:
+            self._pass_on()
+            fallback.flush()
+            return
+        self._wake.set()
+        waiter.done.wait()
+        if self._fallback is not None and not waiter.ok:  # the child died meanwhile
+            self._pass_on()
+            self._fallback.flush()
+            if self._lost:
+                raise self.last_error or AuditError(f"audit rows may be lost in {self.path}")
+            return
+        if not waiter.ok:
+            raise self.last_error or AuditError(
+                f"audit rows could not be written to {self.path}")
+
+    def close(self) -> None:
+        """Pass on what is queued, let the child commit it and stop. Idempotent.
+
+        Raises :class:`AuditError` naming how many rows were not written, and why."""
+        if self._closed:
+            return
+        self._closing = True
+        self._finalizer.detach()
+        self._wake.set()
+        self._feeder.join()
+        self._reader.join()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._child.wait(timeout=30)
+        if self._child.poll() is None:
+            log.error("the audit writer process did not stop; killing it")
+            self._child.kill()
+            self._child.wait()
+        self._closed = True
+        if self._fallback is not None:
+            try:
+                self._fallback.close()
+            except AuditError as exc:
+                self._last_error = exc
+                self._lost += _count_in(exc)
+        unwritten = self._lost + self._dropped
+        if unwritten:
+            raise AuditError(f"{unwritten} audit rows were not written to {self.path}: "
+                             f"{self.last_error}")
+
+    def __enter__(self) -> ProcessAuditLog:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _drop(self, why: str) -> None:
+        with self._lock:
+            self._dropped += 1
+            first = self._dropped == 1
+        self._last_error = AuditError(f"audit rows dropped ({why}); see the egresslock.audit log")
+        if first:
+            log.error("audit record dropped: %s (further drops are counted, not logged)", why)
+
+    # -- the feeder and the reader -----------------------------------------------------------
+
+    def _feed(self) -> None:
+        """Pass the queue on once per interval, or when a batch or a flush waits; at close,
+        pass the rest and close the pipe, which tells the child to finish."""
+        while True:
+            closing = self._closing
+            if not closing:
+                self._wake.wait(self._settings[0])
+                self._wake.clear()
+            self._pass_on()
+            if closing and not self._queue:
+                break
+        os.close(self._to_child)
+
+    def _pass_on(self) -> None:
+        """Everything queued, in order: to the child, or to the fallback once it is gone."""
+        queue = self._queue
+        with self._feeding:
+            frames = []
+            while queue:
+                frames.append(queue.popleft())
+            if self._fallback is None and frames:
+                try:
+                    _write_all(self._to_child, b"".join(frames))
+                    self._sent += sum(frame[4:5] == _RECORD for frame in frames)
+                    return
+                except OSError as exc:
+                    self._child_died(f"cannot write to it: {exc}")
+            self._to_fallback(frames)
+
+    def _to_fallback(self, frames: list[bytes]) -> None:
+        fallback = self._fallback
+        if fallback is None:  # the fallback could not open: these are lost
+            for _ in frames:
+                self._drop("the audit writer process stopped")
+            return
+        for frame in frames:
+            if frame[4:5] == _RECORD:
+                fallback.record(AuditRecord(*_loads(frame[5:])))
+
+    def _read(self) -> None:
+        buf = bytearray()
+        ended = False
+        while True:
+            try:
+                data = os.read(self._from_child, 1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            buf += data
+            for kind, payload in _frames(buf):
+                ended = self._report(kind, payload) or ended
+        os.close(self._from_child)
+        if not ended:
+            code = self._child.wait()
+            self._child_died(f"it exited with status {code}")
+
+    def _report(self, kind: bytes, payload: bytes) -> bool:
+        number, ok, written, transactions, pending, dropped, error, lost = _loads(payload)
+        self._stats = AuditStats(written, transactions, pending, dropped)
+        if error is not None:
+            self._last_error = AuditError(error)
+        if kind == _END:
+            self._lost += lost
+            return True
+        if number >= 0:
+            with self._lock:
+                waiter = self._waiters.pop(number, None)
+            if waiter is not None:
+                waiter.ok = ok
+                waiter.done.set()
+        return False
+
+    def _child_died(self, why: str) -> None:
+        """Go on with an in-process writer; the feeder hands it the queue from now on."""
+        with self._lock:
+            if self._fallback is not None:
+                return
+            flush_interval, max_batch, max_pending, busy_timeout = self._settings
+            unconfirmed = max(0, self._sent - self._stats.written - self._stats.dropped)
+            self._lost += unconfirmed
+            self._last_error = AuditError(
+                f"the audit writer process stopped ({why}); up to {unconfirmed} rows it had "
+                f"not confirmed may be lost; writing from this process from now on")
+            log.error("%s", self._last_error)
+            try:
+                self._fallback = AuditLog(self.path, self.run_id, flush_interval=flush_interval,
+                                          max_batch=max_batch, max_pending=max_pending,
+                                          busy_timeout=busy_timeout)
+            except AuditError as exc:
+                log.error("%s", exc)
+                self._last_error = exc
+            waiters, self._waiters = self._waiters, {}
+        self._wake.set()  # the feeder moves what waits to the fallback
+        for waiter in waiters.values():
+            waiter.done.set()  # not ok: flush() goes on with the fallback
+
+
+def _count_in(exc: AuditError) -> int:
+    word = str(exc).split(" ", 1)[0]
+    return int(word) if word.isdigit() else 0
+
+
+def _close_quietly(ref: weakref.ref[ProcessAuditLog]) -> None:
+    audit = ref()
+    if audit is not None:
+        try:
+            audit.close()
+        except AuditError as exc:
+            log.error("%s", exc)
+
+
+# -- the child ----------------------------------------------------------------------------------
+
+class _Child:
+    """The writer process: an ``AuditLog`` fed from fd ``fd_in``, its news sent on ``fd_out``."""
+
+    def __init__(self, fd_in: int, fd_out: int, audit: AuditLog, flush_interval: float) -> None:
+        self.fd_in, self.fd_out, self.audit = fd_in, fd_out, audit
+        self.flush_interval = flush_interval
+        self.out_lock = threading.Lock()
+        self.done = threading.Event()
+
+    def report(self, kind: bytes, number: int, ok: bool, lost: int = 0) -> None:
+        s, error = self.audit.stats, self.audit.last_error
+        payload = marshal.dumps((number, ok, s.written, s.transactions, s.pending, s.dropped,
+                                 None if error is None else str(error), lost))
+        with self.out_lock, contextlib.suppress(OSError):  # a parent that is gone reads nothing
+            _write_all(self.fd_out, _frame(kind, payload))
+
+    def keep_reporting(self) -> None:
+        """The counters, whenever they change, for the parent's ``stats``."""
+        last = None
+        while not self.done.wait(max(self.flush_interval, 0.05)):
+            if self.audit.stats != last:
+                last = self.audit.stats
+                self.report(_STATS, -1, True)
+
+    def serve(self) -> None:
+        """Record what arrives, answer flushes, until the input ends."""
+        buf = bytearray()
+        while True:
+            try:
+                data = os.read(self.fd_in, 1 << 20)
+            except InterruptedError:
+                continue
+            if not data:
+                return
+            buf += data
+            for kind, payload in _frames(buf):
+                if kind == _RECORD:
+                    try:
+                        self.audit.record(AuditRecord(*_loads(payload)))
+                    except (AuditError, TypeError, ValueError, EOFError) as exc:
+                        log.error("a record could not be decoded: %s", exc)
+                elif kind == _FLUSH:
+                    try:
+                        self.audit.flush()
+                        ok = True
+                    except AuditError:
+                        ok = False
+                    self.report(_STATS, _loads(payload), ok)
+
+    def finish(self) -> None:
+        """Commit what is held and close. Nobody waits for this process any more: while the
+        database is locked or full, keep trying for a while before giving rows up."""
+        self.done.set()
+        deadline = time.monotonic() + DRAIN_SECONDS
+        while True:
+            try:
+                self.audit.flush()
+                break
+            except AuditError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+        try:
+            self.audit.close()
+            lost = 0
+        except AuditError as exc:
+            log.error("%s", exc)
+            lost = _count_in(exc)
+        self.report(_END, -1, not lost, lost)
+
+
+def child_main(argv: list[str]) -> int:
+    """``python -m egresslock.audit.process IN OUT PATH RUN_ID FLUSH_INTERVAL MAX_BATCH
+    MAX_PENDING BUSY_TIMEOUT``: write what arrives on fd IN until it ends."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # it ends when its parent closes the pipe
+    fd_in, fd_out, path, run_id = int(argv[0]), int(argv[1]), argv[2], argv[3]
+    flush_interval, max_batch = float(argv[4]), int(argv[5])
+    max_pending, busy_timeout = int(argv[6]), float(argv[7])
+    # What arrives was gathered over one interval by the feeder: commit it at once, so that a
+    # row is on disk as soon after record() as with the in-process writer.
+    audit = AuditLog(path, run_id, flush_interval=0, max_batch=max_batch,
+                     max_pending=max_pending, busy_timeout=busy_timeout)
+    child = _Child(fd_in, fd_out, audit, flush_interval)
+    threading.Thread(target=child.keep_reporting, daemon=True).start()
+    child.serve()
+    child.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(format="egresslock audit writer process: %(message)s")
+    sys.exit(child_main(sys.argv[1:]))
