@@ -199,3 +199,26 @@ def test_a_writer_that_dies_is_replaced_by_writing_in_process(
     plog.close()  # the 100 flushed rows were confirmed: nothing counts as lost
     result = verify(db)
     assert (result.ok, result.rows) == (True, 200)
+
+
+def test_close_with_the_database_locked_reports_the_rows_it_could_not_write(
+        tmp_path: Path) -> None:
+    # A caller that closes waits for one try, as with AuditLog.close, not for the minute a
+    # writer whose caller died keeps trying.
+    db = tmp_path / "a.db"
+    plog = ProcessAuditLog(db, busy_timeout=0.2)
+    plog.record(rec())
+    plog.flush()
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        for _ in range(5):
+            plog.record(rec())
+        started = time.monotonic()
+        with pytest.raises(AuditError, match="5 audit rows were not written"):
+            plog.close()
+        assert time.monotonic() - started < 20
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert verify(db).rows == 1

@@ -21,10 +21,11 @@ possibly lost, and goes on writing from the caller's process with an in-process 
 
 Messages are frames: a 4-byte length, a kind byte, a ``marshal`` payload. Parent to child:
 ``r`` a record (the :class:`~egresslock.audit.record.AuditRecord` fields in order), ``f`` a
-flush request (its number). Child to parent: ``s`` the writer's counters (written,
-transactions, waiting, dropped, last error), with the number of the flush they answer or -1;
-``e`` the same, last, with the rows ``close`` could not write. Both ends are this package, run by
-the same interpreter, so ``marshal`` is a fit: fast, and for plain values only.
+flush request (its number), ``c`` the log is closed (the end of the pipe without it means the
+parent is gone, and the child keeps trying for longer). Child to parent: ``s`` the writer's
+counters (written, transactions, waiting, dropped, last error), with the number of the flush
+they answer or -1; ``e`` the same, last, with the rows ``close`` could not write. Both ends are
+this package, run by the same interpreter, so ``marshal`` is a fit: fast, for plain values.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ log = logging.getLogger("egresslock.audit")
 _FRAME = struct.Struct("<I")
 _F_SETPIPE_SZ = 1031
 _PIPE_SIZE = 1 << 20  # room for a few thousand records while the child catches up
-_RECORD, _FLUSH, _STATS, _END = b"r", b"f", b"s", b"e"
-# How long the child, its input ended, keeps trying to commit what it holds.
+_RECORD, _FLUSH, _CLOSE, _STATS, _END = b"r", b"f", b"c", b"s", b"e"
+# How long the child, its parent gone, keeps trying to commit what it holds.
 DRAIN_SECONDS = 60.0
 
 
@@ -300,6 +301,9 @@ class ProcessAuditLog:
             self._pass_on()
             if closing and not self._queue:
                 break
+        if self._fallback is None:  # a close, not a death: one last try, as AuditLog.close
+            with contextlib.suppress(OSError):
+                _write_all(self._to_child, _frame(_CLOSE, b""))
         os.close(self._to_child)
 
     def _pass_on(self) -> None:
@@ -427,8 +431,9 @@ class _Child:
                 last = self.audit.stats
                 self.report(_STATS, -1, True)
 
-    def serve(self) -> None:
-        """Record what arrives, answer flushes, until the input ends."""
+    def serve(self) -> bool:
+        """Record what arrives, answer flushes, until the input ends: True when the parent
+        closed the log, False when it went away without."""
         buf = bytearray()
         while True:
             try:
@@ -436,9 +441,11 @@ class _Child:
             except InterruptedError:
                 continue
             if not data:
-                return
+                return False
             buf += data
             for kind, payload in _frames(buf):
+                if kind == _CLOSE:
+                    return True
                 if kind == _RECORD:
                     try:
                         self.audit.record(AuditRecord(*_loads(payload)))
@@ -452,12 +459,13 @@ class _Child:
                         ok = False
                     self.report(_STATS, _loads(payload), ok)
 
-    def finish(self) -> None:
-        """Commit what is held and close. Nobody waits for this process any more: while the
-        database is locked or full, keep trying for a while before giving rows up."""
+    def finish(self, closed: bool) -> None:
+        """Commit what is held and close. A parent that closed the log waits for one try, as
+        ``AuditLog.close`` makes; one that is gone waits for nothing: while the database is
+        locked or full, keep trying for a while before giving rows up."""
         self.done.set()
         deadline = time.monotonic() + DRAIN_SECONDS
-        while True:
+        while not closed:
             try:
                 self.audit.flush()
                 break
@@ -488,8 +496,7 @@ def child_main(argv: list[str]) -> int:
                      max_pending=max_pending, busy_timeout=busy_timeout)
     child = _Child(fd_in, fd_out, audit, flush_interval)
     threading.Thread(target=child.keep_reporting, daemon=True).start()
-    child.serve()
-    child.finish()
+    child.finish(closed=child.serve())
     return 0
 
 
