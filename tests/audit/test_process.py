@@ -222,3 +222,15 @@ def test_close_with_the_database_locked_reports_the_rows_it_could_not_write(
         lock.execute("ROLLBACK")
         lock.close()
     assert verify(db).rows == 1
+
+
+def test_a_writer_that_cannot_start_leaves_the_writing_to_the_caller(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    db = tmp_path / "a.db"
+    with ProcessAuditLog(db) as plog:
+        assert "could not start" in str(plog.last_error)
+        plog.record(rec())
+        plog.flush()
+        assert plog.stats.written == 1
+    assert verify(db).rows == 1

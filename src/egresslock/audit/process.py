@@ -157,6 +157,7 @@ class ProcessAuditLog:
         self._from_child, child_out = os.pipe2(os.O_CLOEXEC)
         with contextlib.suppress(OSError):  # a smaller pipe only means more, shorter writes
             fcntl.fcntl(self._to_child, _F_SETPIPE_SZ, _PIPE_SIZE)
+        self._child: subprocess.Popen[bytes] | None
         try:
             self._child = subprocess.Popen(
                 [sys.executable, "-m", "egresslock.audit.process", str(child_in),
@@ -164,10 +165,9 @@ class ProcessAuditLog:
                  *(repr(value) for value in self._settings)],
                 pass_fds=(child_in, child_out), stdin=subprocess.DEVNULL,
                 start_new_session=True)
-        except OSError as exc:
-            for fd in (self._to_child, self._from_child):
-                os.close(fd)
-            raise AuditError(f"cannot start the audit writer process: {exc}") from exc
+        except OSError as exc:  # no interpreter to run, no process to spare: write from here
+            self._child = None
+            self._child_died(f"it could not start: {exc}")
         finally:
             os.close(child_in)
             os.close(child_out)
@@ -255,12 +255,14 @@ class ProcessAuditLog:
         self._wake.set()
         self._feeder.join()
         self._reader.join()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._child.wait(timeout=30)
-        if self._child.poll() is None:
-            log.error("the audit writer process did not stop; killing it")
-            self._child.kill()
-            self._child.wait()
+        child = self._child
+        if child is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=30)
+            if child.poll() is None:
+                log.error("the audit writer process did not stop; killing it")
+                child.kill()
+                child.wait()
         self._closed = True
         if self._fallback is not None:
             try:
@@ -346,7 +348,7 @@ class ProcessAuditLog:
             for kind, payload in _frames(buf):
                 ended = self._report(kind, payload) or ended
         os.close(self._from_child)
-        if not ended:
+        if not ended and self._child is not None:
             code = self._child.wait()
             self._child_died(f"it exited with status {code}")
 
