@@ -24,8 +24,8 @@ a connect still in progress (an upstream that is not next door) or failed, or a 
 could not be sent whole. Every end (denied after the first bytes, failed, closed, stopped with
 the proxy) writes the audit row the coroutine path writes, built by the same function. A tunnel
 whose both sides closed is settled a few milliseconds later (its descriptors closed, its row
-written with the time it ended): by then the same client's next tunnel has been opened, instead
-of waiting behind that work.
+written with the time it ended): a client opening tunnels one after another has its next one
+opened by then, instead of waiting behind that work.
 """
 
 from __future__ import annotations
