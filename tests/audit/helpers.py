@@ -6,6 +6,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from egresslock.audit import AuditLog, AuditRecord
@@ -39,3 +40,22 @@ def egresslock(*args: str, env: dict[str, str] | None = None,
     return subprocess.run([sys.executable, "-m", "egresslock", *args], capture_output=True,
                           text=True, timeout=timeout, check=False,
                           env={**os.environ, **(env or {})})
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not finished (a zombie has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(") ", 1)[1][0] != "Z"
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait until process ``pid`` has finished; whether it did within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while running(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

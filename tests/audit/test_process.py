@@ -23,7 +23,7 @@ import pytest
 from egresslock.audit import AuditLog, AuditQuery, AuditRecord, open_reader, verify
 from egresslock.audit.process import ProcessAuditLog
 from egresslock.errors import AuditError
-from tests.audit.helpers import rec
+from tests.audit.helpers import rec, running, wait_gone
 
 pytestmark = pytest.mark.integration
 
@@ -146,14 +146,11 @@ def test_a_killed_caller_loses_nothing_it_had_passed_on(tmp_path: Path) -> None:
         victim.kill()
         victim.wait(10)
     time.sleep(1.5)  # several tries of the writer, each giving up after busy_timeout
-    assert _alive(writer_pid)  # the caller is gone; its rows wait in the writer
+    assert running(writer_pid)  # the caller is gone; its rows wait in the writer
     lock.execute("ROLLBACK")
     lock.close()
     # ...the end of its pipe does, once everything it read is committed.
-    deadline = time.monotonic() + 30
-    while _alive(writer_pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(writer_pid)
+    assert wait_gone(writer_pid, 30)
     result = verify(db)
     assert (result.ok, result.rows) == (True, 3001)
     with open_reader(db) as reader:
@@ -166,16 +163,6 @@ def _ignores(pid: int, *signals: signal.Signals) -> bool:
     with open(f"/proc/{pid}/status") as f:
         mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
     return all(mask & (1 << (sig - 1)) for sig in signals)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers; its parent (the test's victim) is gone, so init reaps it.
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(") ", 1)[1][0] != "Z"
 
 
 def test_a_writer_that_dies_is_replaced_by_writing_in_process(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.audit.helpers import running, wait_gone
 from tests.proxy.conftest import RunningProxy, start_proxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -205,13 +206,10 @@ def test_a_proxy_killed_while_its_database_is_locked_loses_no_row(tmp_path: Path
         time.sleep(0.5)  # ten flush intervals: every row has been passed to the writer
         proxy.proc.send_signal(signal.SIGKILL)
         proxy.proc.wait(10)
-        assert writer_alive(writer)  # it outlives the proxy, waiting for the lock
+        assert running(writer)  # it outlives the proxy, waiting for the lock
         lock.execute("ROLLBACK")
         lock.close()
-        deadline = time.monotonic() + 60
-        while writer_alive(writer) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not writer_alive(writer)
+        assert wait_gone(writer, 60)
     finally:
         proxy.stop()
         up.stop()
@@ -222,10 +220,3 @@ def test_a_proxy_killed_while_its_database_is_locked_loses_no_row(tmp_path: Path
                              str(db)], capture_output=True, text=True, timeout=300, check=False)
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
-
-def writer_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(") ", 1)[1][0] != "Z"  # a zombie has finished

@@ -32,7 +32,14 @@ from egresslock.audit.reader import AuditQuery, AuditReader, open_reader, parse_
 from egresslock.audit.record import GENESIS_HASH, LAYERS, VERDICTS, AuditRecord, AuditRow
 from egresslock.audit.schema import SCHEMA_VERSION, default_db_path
 from egresslock.audit.verify import VerifyResult, verify
-from egresslock.audit.writer import AuditLog, AuditStats, Sink, json_lines_sink, new_run_id
+from egresslock.audit.writer import (
+    AuditLog,
+    AuditStats,
+    RowsNotWritten,
+    Sink,
+    json_lines_sink,
+    new_run_id,
+)
 
 __all__ = [
     "GENESIS_HASH",
@@ -45,6 +52,7 @@ __all__ = [
     "AuditRecord",
     "AuditRow",
     "AuditStats",
+    "RowsNotWritten",
     "Sink",
     "VerifyResult",
     "default_db_path",

@@ -46,12 +46,19 @@ import time
 import weakref
 from collections import deque
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from egresslock.audit.record import AuditRecord, stored_values
 from egresslock.audit.schema import open_for_writing
-from egresslock.audit.writer import AuditLog, AuditStats, new_run_id
+from egresslock.audit.writer import (
+    AuditLog,
+    AuditStats,
+    ClosesOnExit,
+    DropCount,
+    RowsNotWritten,
+    check_settings,
+    new_run_id,
+)
 from egresslock.errors import AuditError
 
 log = logging.getLogger("egresslock.audit")
@@ -121,7 +128,7 @@ class _Waiter:
         self.ok = False
 
 
-class ProcessAuditLog:
+class ProcessAuditLog(ClosesOnExit):
     """An audit log written by a child process; see the module docstring.
 
     Offers what a long-running, busy caller needs of :class:`~egresslock.audit.AuditLog`, with
@@ -133,9 +140,7 @@ class ProcessAuditLog:
     def __init__(self, path: str | Path, run_id: str | None = None, *,
                  flush_interval: float = 0.05, max_batch: int = 512,
                  max_pending: int = 100_000, busy_timeout: float = 5.0) -> None:
-        if flush_interval < 0 or max_batch < 1 or max_pending < 1:
-            raise AuditError(f"flush_interval {flush_interval!r} must be >= 0, max_batch "
-                             f"{max_batch!r} and max_pending {max_pending!r} must be >= 1")
+        check_settings(flush_interval, max_batch, max_pending)
         self.path = Path(path)
         self.run_id = run_id or new_run_id()
         self._settings = (flush_interval, max_batch, max_pending, busy_timeout)
@@ -149,7 +154,7 @@ class ProcessAuditLog:
         self._stats = AuditStats(0, 0, 0, 0)
         self._last_error: AuditError | None = None
         self._sent = 0  # records passed to the child
-        self._dropped = 0  # records this side dropped (queue full, after close)
+        self._drops = DropCount()  # records this side refused (queue full, after close)
         self._lost = 0  # rows close() reported unwritten, or the child left unconfirmed
         self._fallback: AuditLog | None = None
         self._closing = self._closed = False
@@ -198,7 +203,7 @@ class ProcessAuditLog:
             s = AuditStats(s.written + f.written, s.transactions + f.transactions,
                            f.pending, s.dropped + f.dropped)
         return AuditStats(s.written, s.transactions, s.pending + len(self._queue),
-                          s.dropped + self._dropped)
+                          s.dropped + self._drops.count)
 
     def record(self, rec: AuditRecord) -> None:
         """Queue ``rec`` for the writer process. Thread-safe, no I/O, never raises."""
@@ -247,7 +252,8 @@ class ProcessAuditLog:
     def close(self) -> None:
         """Pass on what is queued, let the child commit it and stop. Idempotent.
 
-        Raises :class:`AuditError` naming how many rows were not written, and why."""
+        Raises :class:`~egresslock.audit.writer.RowsNotWritten` naming how many rows were not
+        written, and why."""
         if self._closed:
             return
         self._closing = True
@@ -267,28 +273,15 @@ class ProcessAuditLog:
         if self._fallback is not None:
             try:
                 self._fallback.close()
-            except AuditError as exc:
+            except RowsNotWritten as exc:
                 self._last_error = exc
-                self._lost += _count_in(exc)
-        unwritten = self._lost + self._dropped
+                self._lost += exc.count
+        unwritten = self._lost + self._drops.count
         if unwritten:
-            raise AuditError(f"{unwritten} audit rows were not written to {self.path}: "
-                             f"{self.last_error}")
-
-    def __enter__(self) -> ProcessAuditLog:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
+            raise RowsNotWritten(unwritten, self.path, self.last_error)
 
     def _drop(self, why: str) -> None:
-        with self._lock:
-            self._dropped += 1
-            first = self._dropped == 1
-        self._last_error = AuditError(f"audit rows dropped ({why}); see the egresslock.audit log")
-        if first:
-            log.error("audit record dropped: %s (further drops are counted, not logged)", why)
+        self._last_error = self._drops.add(why)
 
     # -- the feeder and the reader -----------------------------------------------------------
 
@@ -393,11 +386,6 @@ class ProcessAuditLog:
             waiter.done.set()  # not ok: flush() goes on with the fallback
 
 
-def _count_in(exc: AuditError) -> int:
-    word = str(exc).split(" ", 1)[0]
-    return int(word) if word.isdigit() else 0
-
-
 def _close_quietly(ref: weakref.ref[ProcessAuditLog]) -> None:
     audit = ref()
     if audit is not None:
@@ -478,9 +466,9 @@ class _Child:
         try:
             self.audit.close()
             lost = 0
-        except AuditError as exc:
+        except RowsNotWritten as exc:
             log.error("%s", exc)
-            lost = _count_in(exc)
+            lost = exc.count
         self.report(_END, -1, not lost, lost)
 
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty, SimpleQueue
 from types import TracebackType
-from typing import TextIO
+from typing import Self, TextIO
 
 from egresslock.audit.record import GENESIS_HASH, AuditRecord, AuditRow, row_hash, stored_values
 from egresslock.audit.schema import COLUMNS, TABLE, open_for_writing
@@ -92,6 +92,54 @@ def new_run_id() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
 
 
+def check_settings(flush_interval: float, max_batch: int, max_pending: int) -> None:
+    """Raise :class:`AuditError` naming the bad one when a writer's settings cannot work."""
+    if flush_interval < 0 or max_batch < 1 or max_pending < 1:
+        raise AuditError(f"flush_interval {flush_interval!r} must be >= 0, max_batch "
+                         f"{max_batch!r} and max_pending {max_pending!r} must be >= 1")
+
+
+class RowsNotWritten(AuditError):
+    """Raised by ``close()``: ``count`` rows could not be written."""
+
+    def __init__(self, count: int, path: Path, why: object) -> None:
+        super().__init__(f"{count} audit rows were not written to {path}: {why}")
+        self.count = count
+
+
+class DropCount:
+    """Records refused before they reached a writer (a full queue, a closed log): counted, the
+    first one logged, and each leaving the error for ``last_error``."""
+
+    __slots__ = ("_lock", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def add(self, why: str) -> AuditError:
+        with self._lock:
+            self.count += 1
+            first = self.count == 1
+        if first:
+            log.error("audit record dropped: %s (further drops are counted, not logged)", why)
+        return AuditError(f"audit rows dropped ({why}); see the egresslock.audit log")
+
+
+class ClosesOnExit:
+    """``with log:`` closes the log at the end of the block."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
 @dataclass(frozen=True, slots=True)
 class AuditStats:
     """Counters of one :class:`AuditLog`: rows committed, transactions, rows waiting, dropped."""
@@ -127,8 +175,8 @@ class _Writer:
         self.pending: list[tuple[object, ...]] = []  # prepared rows not yet committed
         self._inserts: dict[int, str] = {}  # multi-row INSERT statements by row count
         self.last_error: AuditError | None = None
-        self.written = self.transactions = self.dropped = self.lost = 0
-        self._drop_lock = threading.Lock()
+        self.written = self.transactions = self.lost = 0
+        self.drops = DropCount()
         # Set when a batch should be cut before its interval ends: a full batch, or a flush.
         self.wake = threading.Event()
         self._failing, self._failure = False, ""
@@ -136,13 +184,12 @@ class _Writer:
                                        daemon=True)
         self.thread.start()
 
+    @property
+    def dropped(self) -> int:
+        return self.drops.count
+
     def drop(self, why: str) -> None:
-        with self._drop_lock:
-            self.dropped += 1
-            first = self.dropped == 1
-        self.last_error = AuditError(f"audit rows dropped ({why}); see the egresslock.audit log")
-        if first:
-            log.error("audit record dropped: %s (further drops are counted, not logged)", why)
+        self.last_error = self.drops.add(why)
 
     def wait(self, marker: _Flush) -> bool:
         self.queue.put(marker)
@@ -325,7 +372,7 @@ def _stop_at_exit(writer: _Writer) -> None:
                   writer.last_error)
 
 
-class AuditLog:
+class AuditLog(ClosesOnExit):
     """The audit log of one run: :meth:`record` decisions, they reach ``path`` in batches.
 
     ``run_id`` names this run in every row (generated when not given). ``flush_interval`` and
@@ -339,9 +386,7 @@ class AuditLog:
     def __init__(self, path: str | Path, run_id: str | None = None, *,
                  flush_interval: float = 0.05, max_batch: int = 512,
                  max_pending: int = 100_000, busy_timeout: float = 5.0) -> None:
-        if flush_interval < 0 or max_batch < 1 or max_pending < 1:
-            raise AuditError(f"flush_interval {flush_interval!r} must be >= 0, max_batch "
-                             f"{max_batch!r} and max_pending {max_pending!r} must be >= 1")
+        check_settings(flush_interval, max_batch, max_pending)
         self.path = Path(path)
         self.run_id = run_id or new_run_id()
         self._max_pending = max_pending
@@ -394,7 +439,8 @@ class AuditLog:
     def close(self) -> None:
         """Commit what is queued and stop the writer. Idempotent.
 
-        Raises :class:`AuditError` naming how many rows were not written, and why.
+        Raises :class:`RowsNotWritten` (an :class:`AuditError`) naming how many rows were not
+        written, and why.
         """
         if self._closed:
             return
@@ -402,12 +448,4 @@ class AuditLog:
         self._finalizer.detach()
         lost = self._writer.stop()
         if lost:
-            raise AuditError(f"{lost} audit rows were not written to {self.path}: "
-                             f"{self._writer.last_error}")
-
-    def __enter__(self) -> AuditLog:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
+            raise RowsNotWritten(lost, self.path, self._writer.last_error)
