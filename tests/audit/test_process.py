@@ -172,8 +172,10 @@ def test_a_writer_that_dies_is_replaced_by_writing_in_process(
     for i in range(100):
         plog.record(rec(extra={"seq": i}))
     plog.flush()
-    os.kill(plog._child.pid, signal.SIGKILL)
-    plog._child.wait(10)
+    child = plog._child
+    assert child is not None  # the writer process started
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(10)
     with caplog.at_level(logging.ERROR, logger="egresslock.audit"):
         deadline = time.monotonic() + 10
         while plog.last_error is None and time.monotonic() < deadline:

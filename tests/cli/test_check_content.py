@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,7 @@ def policy(tmp_path: Path) -> Path:
     return path
 
 
-def _check(policy: Path, *args: str) -> tuple[int, dict[str, object]]:
+def _check(policy: Path, *args: str) -> tuple[int, dict[str, Any]]:
     r = egresslock("check", "-p", str(policy), "--json", *args)
     return r.returncode, json.loads(r.stdout)
 

@@ -37,8 +37,8 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
 EXTENSIONS = {"nftables": "nft", "iptables": "txt", "cilium": "yaml", "kubernetes": "yaml",
               "seccomp": "json", "compose": "yaml"}
 
-CASES = [(f"{stem}/{target}", stem, target, {}) for stem in EXAMPLE_POLICIES
-         for target in TARGETS]
+CASES: list[tuple[str, str, str, dict[str, Any]]] = [
+    (f"{stem}/{target}", stem, target, {}) for stem in EXAMPLE_POLICIES for target in TARGETS]
 CASES += [(key, stem, target, options) for key, (stem, target, options) in VARIANTS.items()]
 
 

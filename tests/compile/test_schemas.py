@@ -27,9 +27,9 @@ from tests.compile.helpers import (
 )
 from tests.compile.test_golden import VARIANTS
 
-CILIUM_CASES = [(stem, {}) for stem in EXAMPLE_POLICIES] + [
+CILIUM_CASES: list[tuple[str, dict[str, Any]]] = [(stem, {}) for stem in EXAMPLE_POLICIES] + [
     (stem, options) for stem, target, options in VARIANTS.values() if target == "cilium"]
-KUBERNETES_CASES = [(stem, {}) for stem in EXAMPLE_POLICIES] + [
+KUBERNETES_CASES: list[tuple[str, dict[str, Any]]] = [(stem, {}) for stem in EXAMPLE_POLICIES] + [
     (stem, options) for stem, target, options in VARIANTS.values() if target == "kubernetes"]
 
 

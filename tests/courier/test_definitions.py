@@ -78,7 +78,7 @@ def test_a_good_action_compiles() -> None:
     assert t.path_params() == {"repo"}
 
 
-SCHEMA_PROBLEMS = {
+SCHEMA_PROBLEMS: dict[str, tuple[dict[str, Any], str, str]] = {
     "not a JSON schema": ({"type": "object", "properties": {"x": {"type": "strung"}}},
                           "params.properties.x.type", "not a valid JSON Schema"),
     "not an object": ({"type": "string", "maxLength": 3, "pattern": "^a$"}, "params.type",

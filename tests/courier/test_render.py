@@ -188,7 +188,7 @@ def test_free_text_in_the_body_may_hold_newlines_but_not_CR() -> None:
     assert "control character" in _refused(title="ab\n")
 
 
-SCHEMA = {
+SCHEMA: dict[str, tuple[dict[str, Any], str]] = {
     "free text where an enum is declared": ({"state": "open please"}, "state must be one of"),
     "undeclared parameter": ({"url": "http://evil.test"}, "unknown parameter 'url'"),
     "over-long value": ({"name": "x" * 61}, "name is longer than maxLength 60"),
@@ -218,6 +218,7 @@ def test_a_refusal_never_echoes_the_value() -> None:
 
 
 def test_parameters_must_be_an_object() -> None:
+    params: object
     for params in ([], "x", None, 1):
         with pytest.raises(CallRefused, match="JSON object"):
             validate_params(_template(), params)

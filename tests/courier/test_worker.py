@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -55,7 +55,7 @@ class FakeProxy(http.server.BaseHTTPRequestHandler):
                                                    ("Set-Cookie", "s=1"),
                                                    ("X-RateLimit-Remaining", "9")])
 
-    def _send(self, status: int, body: bytes, headers: list[tuple[str, str]] = ()) -> None:
+    def _send(self, status: int, body: bytes, headers: Sequence[tuple[str, str]] = ()) -> None:
         self.send_response(status)
         for k, v in headers:
             self.send_header(k, v)
@@ -111,6 +111,7 @@ def test_a_call_is_sent_in_absolute_form_exactly(fake_proxy: Any) -> None:
 
 def test_a_refused_call_sends_nothing(fake_proxy: Any) -> None:
     worker = _worker(fake_proxy, _template())
+    params: object
     for params in ({"name": "a b"}, {"name": "x", "text": "a\r\nb"}, {"name": ".."}, [],
                    {"name": "x", "extra": 1}):
         reply = worker.call({"id": 1, "action": "make", "params": params})

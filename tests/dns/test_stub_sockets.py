@@ -141,7 +141,10 @@ def test_exfil_name_with_secret_in_hex_scores_one(running: RunningStub, suffix: 
     assert rec.extra is not None
     assert rec.extra["score"] == 1.0
     # One label may hold a whole fragment; if not, the labels joined do.
-    (reason,) = rec.extra["score_reasons"]
+    reasons = rec.extra["score_reasons"]
+    assert isinstance(reasons, list)
+    (reason,) = reasons
+    assert isinstance(reason, str)
     assert reason.startswith("secret #1 ")
     assert reason.endswith("(hex)")
 

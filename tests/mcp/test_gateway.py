@@ -235,15 +235,16 @@ def test_a_policy_without_levels_lets_the_flow_through() -> None:
 def test_progress_and_list_changed_notifications_are_relayed() -> None:
     run = Run(POLICY + "    - {name: slow_count}\n")
     seen: list[Any] = []
-    progress: list[tuple[float, float | None, str | None]] = []
+    updates: list[tuple[float, float | None, str | None]] = []
 
     async def scenario() -> None:
         async with gateway_session(run, seen=seen) as s:
             await s.list_tools()  # the agent's session is known to the gateway from here on
 
-            async def on_progress(value: float, total: float | None, message: str | None,
+            # The parameters' names are those of mcp's ProgressFnT protocol.
+            async def on_progress(progress: float, total: float | None, message: str | None,
                                   ) -> None:
-                progress.append((value, total, message))
+                updates.append((progress, total, message))
 
             result = await s.call_tool("slow_count", {}, progress_callback=on_progress)
             assert _text(result) == "counted"
@@ -252,4 +253,4 @@ def test_progress_and_list_changed_notifications_are_relayed() -> None:
                     await anyio.sleep(0.01)
 
     _go(scenario)
-    assert progress == [(1, 2, "half"), (2, 2, "done")]
+    assert updates == [(1, 2, "half"), (2, 2, "done")]

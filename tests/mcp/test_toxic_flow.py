@@ -81,7 +81,8 @@ def _issues(run: WorldRun) -> list[dict[str, Any]]:
 
 
 def _step(out: dict[str, Any], tool: str) -> dict[str, Any]:
-    (step,) = [s for s in out["steps"] if s["tool"] == tool]
+    steps: list[dict[str, Any]] = [s for s in out["steps"] if s["tool"] == tool]
+    (step,) = steps
     return step
 
 

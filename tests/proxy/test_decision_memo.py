@@ -13,12 +13,14 @@ import dataclasses
 import ipaddress
 import itertools
 from pathlib import Path
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from egresslock.policy import Layer, Request, compile_policy, decide, parse_policy
 from egresslock.policy.decide import DecisionMemo
+from egresslock.policy.normalize import IPAddress
 from egresslock.proxy.context import Limits, PolicyHolder, ProxyContext
 from egresslock.proxy.resolver import Resolver
 
@@ -38,6 +40,10 @@ rules:
 
 HOSTS = ["plain.test", "api.test", "find.test", "a.mixed.test", "ws.test", "hook.test",
          "other.test", "10.1.2.3", "127.0.0.1"]
+ADDRESSES: list[tuple[IPAddress, ...]] = [
+    (), (ipaddress.ip_address("10.0.0.1"),), (ipaddress.ip_address("127.0.0.1"),),
+    (ipaddress.ip_address("169.254.169.254"),)]
+LAYERS = [Layer.HTTP, Layer.CONNECT, Layer.TLS, Layer.DNS]
 # Each field's values: enough that, for some host, each value gets a different answer.
 VALUES: dict[str, list[object]] = {
     "host": list(HOSTS),
@@ -48,12 +54,18 @@ VALUES: dict[str, list[object]] = {
     "query": [None, "", "q=a", "q=toolong", "x=1", "q=a;b"],
     "header_names": [(), ("x-a",)],
     "body_size": [None, 0, 50, 500],
-    "addresses": [(), (ipaddress.ip_address("10.0.0.1"),), (ipaddress.ip_address("127.0.0.1"),),
-                  (ipaddress.ip_address("169.254.169.254"),)],
-    "layer": [Layer.HTTP, Layer.CONNECT, Layer.TLS, Layer.DNS],
+    "addresses": list(ADDRESSES),
+    "layer": list(LAYERS),
     "upgrade": [None, "websocket", "h2c"],
     "origin": ["agent", "courier"],
 }
+
+
+def replaced(request: Request, name: str, value: object) -> Request:
+    """``request`` with its field ``name`` set to ``value``. The field is picked at run time, so
+    the value's type cannot be checked here: the VALUES of each field hold that field's type."""
+    changes: dict[str, Any] = {name: value}
+    return dataclasses.replace(request, **changes)
 
 
 def variations() -> list[list[Request]]:
@@ -61,11 +73,9 @@ def variations() -> list[list[Request]]:
     from it in exactly one field: a field the key leaves out while a rule reads it makes two of
     them share an answer."""
     groups = []
-    for host, layer, addresses in itertools.product(HOSTS, VALUES["layer"],
-                                                    VALUES["addresses"][:2]):
-        base = Request(host, 80, "http", "POST", "/up/x", "q=a", (), 50, addresses,
-                       layer)  # type: ignore[arg-type]
-        groups.append([base] + [dataclasses.replace(base, **{name: value})
+    for host, layer, addresses in itertools.product(HOSTS, LAYERS, ADDRESSES[:2]):
+        base = Request(host, 80, "http", "POST", "/up/x", "q=a", (), 50, addresses, layer)
+        groups.append([base] + [replaced(base, name, value)
                                 for name, values in VALUES.items() for value in values])
     return groups
 
@@ -88,7 +98,7 @@ def test_memo_that_fills_and_clears_stays_exact(picks: list[tuple[str, int]]) ->
     request = Request("api.test", 80, method="GET", path="/up/x", body_size=50)
     for name, index in picks:
         values = VALUES[name]
-        request = dataclasses.replace(request, **{name: values[index % len(values)]})
+        request = replaced(request, name, values[index % len(values)])
         assert memo.decide(request) == decide(policy, request), request
 
 

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
@@ -213,8 +214,11 @@ def test_leaf_has_san_of_connect_host_and_alpn_is_http11(setup: Setup) -> None:
     try:
         assert tls.selected_alpn_protocol() == "http/1.1"
         cert = tls.getpeercert()
+        assert cert is not None
         assert cert["subjectAltName"] == (("DNS", "secure.test"),)
-        issuer = dict(x[0] for x in cert["issuer"])
+        # The stubs give every key of the dict one union type; "issuer" holds the RDNs.
+        rdns = cast("tuple[tuple[tuple[str, str], ...], ...]", cert["issuer"])
+        issuer = dict(x[0] for x in rdns)
         assert issuer["commonName"] == "egresslock inspection"
     finally:
         tls.close()
@@ -567,8 +571,9 @@ def test_ca_init_show_export_and_key_mode(tmp_path: Path) -> None:
     cert = x509.load_pem_x509_certificate((d / "ca.pem").read_bytes())
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
-    assert cert.public_key().curve.name == "secp256r1"
+    key = cert.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    assert key.curve.name == "secp256r1"
     shown = _egl("ca", "show", "--dir", str(d), "--json")
     assert shown.returncode == 0, shown.stderr
     info = json.loads(shown.stdout)

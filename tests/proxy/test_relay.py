@@ -40,7 +40,7 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
 
 def run(loop_kind: str, coro: Coroutine[Any, Any, str]) -> str:
     if loop_kind == "uvloop":
-        return uvloop.run(coro)  # type: ignore[no-any-return]
+        return uvloop.run(coro)
     return asyncio.run(coro)
 
 
@@ -64,7 +64,7 @@ def loop_kind(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(params=MODES)
 def splice(request: pytest.FixtureRequest) -> bool:
-    return request.param == "splice"
+    return bool(request.param == "splice")
 
 
 Sockets = tuple[socket.socket, socket.socket, socket.socket, socket.socket]
@@ -219,8 +219,13 @@ def test_cancelling_the_relay_unregisters_its_sockets(loop_kind: str, splice: bo
             await task
         # The loop must no longer watch the sockets: waiting on one again works.
         loop = asyncio.get_running_loop()
-        ready = loop.create_future()
-        loop.add_writer(client_side.fileno(), lambda: ready.done() or ready.set_result(None))
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def writable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_writer(client_side.fileno(), writable)
         await asyncio.wait_for(ready, 2)
         loop.remove_writer(client_side.fileno())
         return "ok"
@@ -235,8 +240,6 @@ def test_a_direction_takes_a_pipe_only_once_it_carries_volume(
         sockets: Sockets) -> None:
     """A short exchange is copied (no pipe to set up); a long one moves to splice after
     SPLICE_AFTER bytes, without losing or reordering a byte at the switch."""
-    import egresslock.proxy.relay as relay_module
-
     calls = []
     real_splice = os.splice
 
@@ -244,7 +247,7 @@ def test_a_direction_takes_a_pipe_only_once_it_carries_volume(
         calls.append(args)
         return real_splice(*args, **kwargs)
 
-    monkeypatch.setattr(relay_module.os, "splice", counting_splice)
+    monkeypatch.setattr("egresslock.proxy.relay.os.splice", counting_splice)
     data = os.urandom(size)
     ended, got, stats = exchange_through_relay(loop_kind, sockets, data, b"", use_splice=True)
     assert ended == "closed"

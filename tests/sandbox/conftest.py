@@ -80,7 +80,8 @@ class WorldRun:
         """The last JSON object the command printed (the escape scripts print one)."""
         for line in reversed(self.stdout.splitlines()):
             if line.startswith("{"):
-                return json.loads(line)
+                printed: dict[str, Any] = json.loads(line)
+                return printed
         raise AssertionError(f"the command printed no JSON\n{self.describe()}")
 
     def describe(self) -> str:

@@ -351,7 +351,7 @@ def test_fork_threads_subprocess_and_exec_still_work() -> None:
         if pid == 0:
             os._exit(3)
         forked = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-        seen = []
+        seen: list[int] = []
         # pthread_create tries clone3 first and must fall back to clone on ENOSYS.
         threads = [threading.Thread(target=seen.append, args=(i,)) for i in range(4)]
         for t in threads:

