@@ -64,12 +64,12 @@ from egresslock.proxy.tunnel import (
 
 log = logging.getLogger("egresslock.proxy")
 
-# The server's side: a continuation to await on a task of its own, which writes the row and
-# closes the connection (None: serve the connection from its start); and the news that the lane
-# closed the connection and wrote its row.
 # How long a tunnel whose both sides closed keeps its descriptors and row (see _on_relay_end).
 SETTLE_SECONDS = 0.005
 
+# The server's side: a continuation to await on a task of its own, which writes the row and
+# closes the connection (None: serve the connection from its start); and the news that the lane
+# closed the connection and wrote its row.
 HandOver = Callable[["TunnelLane", Coroutine[Any, Any, Decision] | None], None]
 Ended = Callable[["TunnelLane"], None]
 
@@ -337,8 +337,8 @@ class TunnelLane:
                       exc_info=exc)
         if how == "closed":
             # Both sides closed, and each was told: closing the descriptors and writing the row
-            # changes nothing either peer can see. They wait a moment, so that the client's next
-            # CONNECT, which usually arrives now, does not wait behind them.
+            # changes nothing either peer can see. They wait a moment, so that a client opening
+            # tunnels one after another does not have its next CONNECT wait behind them.
             self.result.ended_at = time.time()
             self.timer = self.loop.call_later(SETTLE_SECONDS, self._end, self.decision)
             return
