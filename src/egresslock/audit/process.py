@@ -5,7 +5,7 @@ caller's process, about 15 µs of Python per row. In the proxy that thread and t
 take turns at the interpreter's lock: over 2,001 new tunnels in a row, strace counted 3,752
 futex calls, and an event that arrives while the writer holds the lock waits until the writer's
 next pause. :class:`ProcessAuditLog` runs that same writer in a child process instead. The
-caller's side only encodes each record (``marshal``, about a microsecond) and puts it on a
+caller's side only encodes each record (``marshal``, about 2 µs) and puts it on a
 queue; a feeder thread passes the queue to the child through a pipe once per ``flush_interval``
 (or as soon as ``max_batch`` records wait), one write for the lot. The child, ``python -m
 egresslock.audit.process``, decodes the records and hands them to an ``AuditLog`` of its own,
