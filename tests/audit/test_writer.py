@@ -21,6 +21,7 @@ from egresslock.audit import (
     open_reader,
     verify,
 )
+from egresslock.audit.record import stored_values
 from egresslock.errors import AuditError
 from tests.audit.helpers import raw, rec
 
@@ -55,6 +56,15 @@ def test_every_field_round_trips(db: Path) -> None:
                  "address", "bytes_out", "bytes_in", "pid", "uid", "protocol", "time"):
         assert row[name] == getattr(full, name), name
     assert row["extra"] == {"transform": "redact", "secret": "aws-key", "nested": {"n": [1, 2]}}
+
+
+def test_a_record_given_as_its_stored_values_is_the_same_row(tmp_path: Path) -> None:
+    record = rec(extra={"b": 1, "a": [2, None]}, host="ü.test", port=443, time=5.25)
+    with AuditLog(tmp_path / "fields.db", run_id="r") as log:
+        log.record(record)
+    with AuditLog(tmp_path / "values.db", run_id="r") as log:
+        log.record_stored(stored_values(record, "r"))
+    assert all_rows(tmp_path / "values.db") == all_rows(tmp_path / "fields.db")  # hashes too
 
 
 def test_defaults_and_drop_rows(log: AuditLog, db: Path) -> None:

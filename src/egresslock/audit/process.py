@@ -5,11 +5,13 @@ caller's process, about 15 µs of Python per row. In the proxy that thread and t
 take turns at the interpreter's lock: over 2,001 new tunnels in a row, strace counted 3,752
 futex calls, and an event that arrives while the writer holds the lock waits until the writer's
 next pause. :class:`ProcessAuditLog` runs that same writer in a child process instead. The
-caller's side only encodes each record (``marshal``, about 2 µs) and puts it on a
-queue; a feeder thread passes the queue to the child through a pipe once per ``flush_interval``
-(or as soon as ``max_batch`` records wait), one write for the lot. The child, ``python -m
-egresslock.audit.process``, decodes the records and hands them to an ``AuditLog`` of its own,
-which commits them at once (they come already gathered): the same hashing, retries and bounds.
+caller's side works out each record's stored values (the columns as the database will hold
+them) and marshals them, about 5 µs, onto a queue; a feeder thread passes the queue to the
+child through a pipe once per ``flush_interval`` (or as soon as ``max_batch`` records wait),
+one write for the lot. The child, ``python -m egresslock.audit.process``, hands them to an
+``AuditLog`` of its own, which hashes and commits them at once (they come already gathered): the
+same hashing, retries and bounds. The child need not rebuild the records, which was half of its
+work per row.
 
 Loss bound. The child reads its pipe to the end whatever happens to its parent, and ignores
 SIGINT, SIGTERM and SIGHUP: it ends when its parent closes the pipe, by :meth:`close` or by
@@ -20,7 +22,7 @@ at most. If the child dies, the log says so, counts the records the child had no
 possibly lost, and goes on writing from the caller's process with an in-process ``AuditLog``.
 
 Messages are frames: a 4-byte length, a kind byte, a ``marshal`` payload. Parent to child:
-``r`` a record (the :class:`~egresslock.audit.record.AuditRecord` fields in order), ``f`` a
+``r`` a record (its :func:`~egresslock.audit.record.stored_values`), ``f`` a
 flush request (its number), ``c`` the log is closed (the end of the pipe without it means the
 parent is gone, and the child keeps trying for longer). Child to parent: ``s`` the writer's
 counters (written, transactions, waiting, dropped, last error), with the number of the flush
@@ -33,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import itertools
-import json
 import logging
 import marshal
 import os
@@ -69,24 +70,6 @@ _PIPE_SIZE = 1 << 20  # room for a few thousand records while the child catches 
 _RECORD, _FLUSH, _CLOSE, _STATS, _END = b"r", b"f", b"c", b"s", b"e"
 # How long the child, its parent gone, keeps trying to commit what it holds.
 DRAIN_SECONDS = 60.0
-
-
-def _fields(rec: AuditRecord) -> bytes:
-    """The record's fields, marshalled; values marshal cannot hold (an enum, an object in
-    ``extra``) become what the database would store anyway, so the row is the same."""
-    extra = rec.extra
-    try:
-        values: Any = (rec.layer, rec.verdict, rec.rule_id, rec.reason, rec.host, rec.port,
-                       rec.method, rec.path, rec.address, rec.bytes_out, rec.bytes_in, rec.pid,
-                       rec.uid, rec.protocol, None if extra is None else dict(extra), rec.time)
-        return marshal.dumps(values)
-    except ValueError:
-        (when, _run, layer, verdict, rule_id, reason, method, host, port, path, address,
-         bytes_out, bytes_in, pid, uid, protocol, extra_json) = stored_values(rec, "")
-        values = (layer, verdict, rule_id, reason, host, port, method, path, address, bytes_out,
-                  bytes_in, pid, uid, protocol,
-                  None if extra_json is None else json.loads(str(extra_json)), when)
-        return marshal.dumps(values)
 
 
 def _loads(payload: bytes) -> Any:
@@ -215,7 +198,8 @@ class ProcessAuditLog(ClosesOnExit):
         elif len(self._queue) >= self._settings[2]:
             self._drop(f"more than {self._settings[2]} records queued")
         else:
-            payload = _fields(rec)
+            values: Any = stored_values(rec, self.run_id)  # str, int, float, None: marshal's
+            payload = marshal.dumps(values)
             self._queue.append(_FRAME.pack(len(payload) + 1) + _RECORD + payload)
             if len(self._queue) >= self._settings[1]:
                 self._wake.set()
@@ -325,7 +309,7 @@ class ProcessAuditLog(ClosesOnExit):
             return
         for frame in frames:
             if frame[4:5] == _RECORD:
-                fallback.record(AuditRecord(*_loads(frame[5:])))
+                fallback.record_stored(_loads(frame[5:]))
 
     def _read(self) -> None:
         buf = bytearray()
@@ -438,8 +422,8 @@ class _Child:
                     return True
                 if kind == _RECORD:
                     try:
-                        self.audit.record(AuditRecord(*_loads(payload)))
-                    except (AuditError, TypeError, ValueError, EOFError) as exc:
+                        self.audit.record_stored(_loads(payload))
+                    except (TypeError, ValueError, EOFError) as exc:
                         log.error("a record could not be decoded: %s", exc)
                 elif kind == _FLUSH:
                     try:

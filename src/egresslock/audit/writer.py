@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty, SimpleQueue
 from types import TracebackType
-from typing import Self, TextIO
+from typing import NamedTuple, Self, TextIO
 
 from egresslock.audit.record import GENESIS_HASH, AuditRecord, AuditRow, row_hash, stored_values
 from egresslock.audit.schema import COLUMNS, TABLE, open_for_writing
@@ -97,6 +97,12 @@ def check_settings(flush_interval: float, max_batch: int, max_pending: int) -> N
     if flush_interval < 0 or max_batch < 1 or max_pending < 1:
         raise AuditError(f"flush_interval {flush_interval!r} must be >= 0, max_batch "
                          f"{max_batch!r} and max_pending {max_pending!r} must be >= 1")
+
+
+class StoredValues(NamedTuple):
+    """A record as :func:`~egresslock.audit.record.stored_values` made it, for this run."""
+
+    values: tuple[object, ...]
 
 
 class RowsNotWritten(AuditError):
@@ -170,7 +176,8 @@ class _Writer:
         self.conn, self.path, self.run_id = conn, path, run_id
         self.flush_interval, self.max_batch = flush_interval, max_batch
         self.max_pending = max_pending
-        self.queue: SimpleQueue[AuditRecord | _Flush] = SimpleQueue()
+        # Records, or their stored values already worked out (StoredValues): see record_stored.
+        self.queue: SimpleQueue[AuditRecord | StoredValues | _Flush] = SimpleQueue()
         self.sinks: tuple[Sink, ...] = ()
         self.pending: list[tuple[object, ...]] = []  # prepared rows not yet committed
         self._inserts: dict[int, str] = {}  # multi-row INSERT statements by row count
@@ -240,7 +247,8 @@ class _Writer:
                     return
                 marker.done.set()
 
-    def _collect(self, timeout: float | None) -> tuple[list[AuditRecord], _Flush | None]:
+    def _collect(self, timeout: float | None
+                 ) -> tuple[list[AuditRecord | StoredValues], _Flush | None]:
         try:
             first = self.queue.get(timeout=timeout)
         except Empty:
@@ -269,11 +277,12 @@ class _Writer:
                 self.wake.set()
         return batch, None
 
-    def _prepare(self, rec: AuditRecord) -> None:
+    def _prepare(self, rec: AuditRecord | StoredValues) -> None:
         if len(self.pending) >= self.max_pending:
             self.drop(f"{self.max_pending} rows already wait for the database")
             return
-        self.pending.append(stored_values(rec, self.run_id))
+        self.pending.append(rec.values if isinstance(rec, StoredValues)
+                            else stored_values(rec, self.run_id))
 
     def _commit(self) -> bool:
         while self.pending:
@@ -350,7 +359,7 @@ class _Writer:
                 item = self.queue.get_nowait()
             except Empty:
                 break
-            if isinstance(item, AuditRecord):
+            if not isinstance(item, _Flush):
                 self._prepare(item)
             else:
                 item.done.set()
@@ -409,6 +418,9 @@ class AuditLog(ClosesOnExit):
 
     def record(self, rec: AuditRecord) -> None:
         """Queue ``rec`` for the writer thread. Thread-safe, no I/O, never raises."""
+        self._enqueue(rec)
+
+    def _enqueue(self, rec: AuditRecord | StoredValues) -> None:
         writer = self._writer
         if self._closed:
             writer.drop("record() after close()")
@@ -418,6 +430,12 @@ class AuditLog(ClosesOnExit):
             writer.queue.put(rec)
             if writer.queue.qsize() >= writer.max_batch:
                 writer.wake.set()
+
+    def record_stored(self, values: tuple[object, ...]) -> None:
+        """Queue a record given as its stored values, as ``stored_values(record, run_id)`` made
+        them with this log's run id: for the writer process, whose parent works them out so
+        that it need not rebuild the record. Thread-safe, no I/O, never raises."""
+        self._enqueue(StoredValues(values))
 
     def add_sink(self, fn: Sink) -> None:
         """Also hand every committed row to ``fn`` (on the writer thread, after the commit), as the
