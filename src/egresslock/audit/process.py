@@ -198,7 +198,7 @@ class ProcessAuditLog(ClosesOnExit):
         elif len(self._queue) >= self._settings[2]:
             self._drop(f"more than {self._settings[2]} records queued")
         else:
-            values: Any = stored_values(rec, self.run_id)  # str, int, float, None: marshal's
+            values: Any = stored_values(rec, self.run_id)  # str, int, float or None: marshallable
             payload = marshal.dumps(values)
             self._queue.append(_FRAME.pack(len(payload) + 1) + _RECORD + payload)
             if len(self._queue) >= self._settings[1]:
