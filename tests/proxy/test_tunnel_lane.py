@@ -62,6 +62,20 @@ class Upstream(ThreadedServer):
                 return
 
 
+@contextlib.contextmanager
+def full_upstream() -> Iterator[Upstream]:
+    """An upstream, not yet serving, whose accept queue one connection fills (backlog 0): a
+    connect to it stays in progress until the kernel retries its SYN, about a second later,
+    and completes then only if the upstream was started meanwhile."""
+    upstream = Upstream(backlog=0)
+    queued = socket.create_connection(("127.0.0.1", upstream.port))
+    try:
+        yield upstream
+    finally:
+        queued.close()
+        upstream.close()
+
+
 POLICY = """\
 version: 1
 network: {{allow_ranges: ['127.0.0.0/8']}}
@@ -401,76 +415,59 @@ def test_budgets_levels_and_several_addresses_are_opened_on_the_coroutine_path(
 
 
 def test_a_connect_still_in_progress_is_finished_on_a_task(loop_kind: str) -> None:
-    slow = Upstream(backlog=0)
-    queued = socket.create_connection(("127.0.0.1", slow.port))  # fills the accept queue
-    try:
-        with running_proxy(loop_kind, extra_ports=(slow.port,)) as proxy:
-            threading.Timer(0.3, slow.start).start()  # room again before the kernel retries
-            s, answer = proxy.connect(f"127.0.0.1:{slow.port}")
-            assert answer.startswith(b"HTTP/1.1 200")
-            assert echo_round(s, b"late but there") == b"late but there"
-            s.close()
-            (row,) = proxy.wait_rows(1)
-            assert (row.verdict, row.rule_id, row.bytes_out) == ("allow", "literal", 14)
-            assert proxy.server.lane_tunnels == 1
-            proxy.idle()
-    finally:
-        queued.close()
-        slow.close()
+    with full_upstream() as slow, running_proxy(loop_kind, extra_ports=(slow.port,)) as proxy:
+        threading.Timer(0.3, slow.start).start()  # room again before the kernel retries
+        s, answer = proxy.connect(f"127.0.0.1:{slow.port}")
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert echo_round(s, b"late but there") == b"late but there"
+        s.close()
+        (row,) = proxy.wait_rows(1)
+        assert (row.verdict, row.rule_id, row.bytes_out) == ("allow", "literal", 14)
+        assert proxy.server.lane_tunnels == 1
+        proxy.idle()
 
 
 def test_bytes_that_come_while_a_connect_is_in_progress_are_the_tunnel_s(
         loop_kind: str) -> None:
     """The lane hands a connect in progress to a task; bytes the client sends meanwhile are the
     tunnel's first bytes, even when they look like another CONNECT, never a second tunnel."""
-    slow = Upstream(backlog=0)
-    queued = socket.create_connection(("127.0.0.1", slow.port))
-    try:
-        with running_proxy(loop_kind, extra_ports=(slow.port,)) as proxy:
-            threading.Timer(0.3, slow.start).start()
-            target = f"127.0.0.1:{slow.port}".encode()
-            head = b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target, target)
-            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
-                time.sleep(0.1)  # the lane waits for the head
-                s.sendall(head)
-                time.sleep(0.1)  # the lane has dialled and handed the connect over
-                s.sendall(head)  # early bytes, not a request to the proxy
-                ok = b"HTTP/1.1 200 Connection established\r\n\r\n"
-                got = b""
-                while len(got) < len(ok) + len(head):
-                    data = s.recv(100)
-                    if not data:
-                        break
-                    got += data
-                assert got == ok + head  # the 200, then the bytes echoed: they were relayed
-            rows = proxy.wait_rows(1)
-            assert [(r.verdict, r.bytes_out) for r in rows] == [("allow", len(head))]
-            assert slow.connections == 2  # the queued connection and the tunnel's, no other
-            assert proxy.server.lane_tunnels == 1
-            proxy.idle()
-    finally:
-        queued.close()
-        slow.close()
+    with full_upstream() as slow, running_proxy(loop_kind, extra_ports=(slow.port,)) as proxy:
+        threading.Timer(0.3, slow.start).start()
+        target = f"127.0.0.1:{slow.port}".encode()
+        head = b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target, target)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+            time.sleep(0.1)  # the lane waits for the head
+            s.sendall(head)
+            time.sleep(0.1)  # the lane has dialled and handed the connect over
+            s.sendall(head)  # early bytes, not a request to the proxy
+            ok = b"HTTP/1.1 200 Connection established\r\n\r\n"
+            got = b""
+            while len(got) < len(ok) + len(head):
+                data = s.recv(100)
+                if not data:
+                    break
+                got += data
+            assert got == ok + head  # the 200, then the bytes echoed: they were relayed
+        rows = proxy.wait_rows(1)
+        assert [(r.verdict, r.bytes_out) for r in rows] == [("allow", len(head))]
+        assert slow.connections == 2  # the queued connection and the tunnel's, no other
+        assert proxy.server.lane_tunnels == 1
+        proxy.idle()
 
 
 def test_a_connect_that_never_completes_gets_504_at_the_connect_timeout(loop_kind: str) -> None:
-    full = Upstream(backlog=0)  # never accepts: its queue stays full, the SYN stays unanswered
-    queued = socket.create_connection(("127.0.0.1", full.port))
-    try:
-        with running_proxy(loop_kind, Limits(connect_timeout=0.5),
-                           extra_ports=(full.port,)) as proxy:
-            started = time.monotonic()
-            s, answer = proxy.connect(f"127.0.0.1:{full.port}")
-            s.close()
-            assert answer.startswith(b"HTTP/1.1 504")
-            assert 0.4 < time.monotonic() - started < 5
-            (row,) = proxy.wait_rows(1)
-            assert row.reason == f"connecting to 127.0.0.1:{full.port} timed out"
-            assert proxy.server.lane_tunnels == 1
-            proxy.idle()
-    finally:
-        queued.close()
-        full.close()
+    # Never started: its queue stays full, the SYN unanswered.
+    with full_upstream() as full, running_proxy(loop_kind, Limits(connect_timeout=0.5),
+                                                extra_ports=(full.port,)) as proxy:
+        started = time.monotonic()
+        s, answer = proxy.connect(f"127.0.0.1:{full.port}")
+        s.close()
+        assert answer.startswith(b"HTTP/1.1 504")
+        assert 0.4 < time.monotonic() - started < 5
+        (row,) = proxy.wait_rows(1)
+        assert row.reason == f"connecting to 127.0.0.1:{full.port} timed out"
+        assert proxy.server.lane_tunnels == 1
+        proxy.idle()
 
 
 def test_an_upstream_that_refuses_gets_502(loop_kind: str) -> None:
