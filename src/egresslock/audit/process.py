@@ -47,7 +47,7 @@ import time
 import weakref
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from egresslock.audit.record import AuditRecord, stored_values
 from egresslock.audit.schema import open_for_writing
@@ -103,6 +103,15 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+class _Settings(NamedTuple):
+    """The writer's settings, as :class:`~egresslock.audit.AuditLog` takes them."""
+
+    flush_interval: float
+    max_batch: int
+    max_pending: int
+    busy_timeout: float
+
+
 class _Waiter:
     __slots__ = ("done", "ok")
 
@@ -126,7 +135,7 @@ class ProcessAuditLog(ClosesOnExit):
         check_settings(flush_interval, max_batch, max_pending)
         self.path = Path(path)
         self.run_id = run_id or new_run_id()
-        self._settings = (flush_interval, max_batch, max_pending, busy_timeout)
+        self._settings = _Settings(flush_interval, max_batch, max_pending, busy_timeout)
         open_for_writing(self.path, busy_timeout).close()
         self._queue: deque[bytes] = deque()
         self._wake = threading.Event()
@@ -195,13 +204,13 @@ class ProcessAuditLog(ClosesOnExit):
             fallback.record(rec)
         elif self._closing:
             self._drop("record() after close()")
-        elif len(self._queue) >= self._settings[2]:
-            self._drop(f"more than {self._settings[2]} records queued")
+        elif len(self._queue) >= self._settings.max_pending:
+            self._drop(f"more than {self._settings.max_pending} records queued")
         else:
             values: Any = stored_values(rec, self.run_id)  # str, int, float or None: marshallable
             payload = marshal.dumps(values)
-            self._queue.append(_FRAME.pack(len(payload) + 1) + _RECORD + payload)
-            if len(self._queue) >= self._settings[1]:
+            self._queue.append(_frame(_RECORD, payload))
+            if len(self._queue) >= self._settings.max_batch:
                 self._wake.set()
 
     def flush(self) -> None:
@@ -275,7 +284,7 @@ class ProcessAuditLog(ClosesOnExit):
         while True:
             closing = self._closing
             if not closing:
-                self._wake.wait(self._settings[0])
+                self._wake.wait(self._settings.flush_interval)
                 self._wake.clear()
             self._pass_on()
             if closing and not self._queue:
@@ -350,7 +359,6 @@ class ProcessAuditLog(ClosesOnExit):
         with self._lock:
             if self._fallback is not None:
                 return
-            flush_interval, max_batch, max_pending, busy_timeout = self._settings
             unconfirmed = max(0, self._sent - self._stats.written - self._stats.dropped)
             self._lost += unconfirmed
             self._last_error = AuditError(
@@ -358,9 +366,11 @@ class ProcessAuditLog(ClosesOnExit):
                 f"not confirmed may be lost; writing from this process from now on")
             log.error("%s", self._last_error)
             try:
-                self._fallback = AuditLog(self.path, self.run_id, flush_interval=flush_interval,
-                                          max_batch=max_batch, max_pending=max_pending,
-                                          busy_timeout=busy_timeout)
+                st = self._settings
+                self._fallback = AuditLog(self.path, self.run_id,
+                                          flush_interval=st.flush_interval,
+                                          max_batch=st.max_batch, max_pending=st.max_pending,
+                                          busy_timeout=st.busy_timeout)
             except AuditError as exc:
                 log.error("%s", exc)
                 self._last_error = exc
